@@ -1,0 +1,1 @@
+"""mlxd's HTTP surface: OpenAI wire formats, SSE, errors."""

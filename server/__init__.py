@@ -1,0 +1,1 @@
+"""mlxd's inference runtime: model lifecycle, prompt building, generation, output parsing, CLI."""
