@@ -1,0 +1,293 @@
+"""POST /v1/chat/completions: request in, engine events out as chunks or one response."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import AsyncIterator, Optional
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from server.engine import Accepted, GenerationRequest, RequestHandle, SamplingParams
+from server.events import (
+    ContentDelta,
+    Failure,
+    Finish,
+    ReasoningDelta,
+    TokenLogprob,
+    ToolCallArguments,
+    ToolCallStart,
+    Usage,
+)
+from server.runtime import Runtime
+
+from ..errors import error_body
+from .protocol import ChatCompletionRequest
+
+router = APIRouter()
+
+# How often the client is sent an SSE comment while it waits (long prefill).
+KEEPALIVE_SECONDS = 5.0
+# How often a non-streaming request checks that its client is still there.
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    runtime: Runtime = request.app.state.runtime
+    ref = await asyncio.to_thread(runtime.resolve, body.model)
+    handle = runtime.engine.submit(to_generation_request(body, ref), asyncio.get_running_loop())
+    accepted = await _wait_accepted(handle, request)
+    if accepted is None:  # client left while queued
+        return JSONResponse(error_body("client disconnected", 499), status_code=499)
+    response = ChatResponse(body, accepted)
+    if body.stream:
+        return EventSourceResponse(
+            _stream(response, handle),
+            ping=KEEPALIVE_SECONDS,
+            sep="\n",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return JSONResponse(await _complete(response, handle, request))
+
+
+def to_generation_request(body: ChatCompletionRequest, ref) -> GenerationRequest:
+    """Protocol schema -> the engine's plain request (no pydantic below this line)."""
+    messages = []
+    for m in body.messages:
+        message = m.model_dump(exclude_none=True)
+        if message["role"] == "developer":
+            message["role"] = "system"
+        messages.append(message)
+    tool_choice = body.tool_choice or "auto"
+    if not isinstance(tool_choice, str):
+        tool_choice = tool_choice.model_dump()
+    return GenerationRequest(
+        model=ref,
+        messages=messages,
+        tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+        tool_choice=tool_choice if body.tools else "none",
+        parallel_tool_calls=body.parallel_tool_calls,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        stop=body.stop or [],
+        sampling=SamplingParams(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            seed=body.seed,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
+        ),
+        logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs or 0,
+    )
+
+
+async def _wait_accepted(handle: RequestHandle, request: Request) -> Optional[Accepted]:
+    """Wait until the engine built the prompt (errors raise here, before any byte is sent)."""
+    while True:
+        try:
+            return await asyncio.wait_for(asyncio.shield(handle.accepted), DISCONNECT_POLL_SECONDS)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                handle.cancel()
+                return None
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+
+
+def usage_dict(usage: Usage) -> dict:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+    }
+
+
+def _logprob_dict(lp: TokenLogprob) -> dict:
+    return {
+        "token": lp.token,
+        "logprob": lp.logprob,
+        "bytes": lp.bytes,
+        "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, v, b in lp.top],
+    }
+
+
+class ChatResponse:
+    """Turns engine events into chat.completion(.chunk) objects for one request."""
+
+    def __init__(self, body: ChatCompletionRequest, accepted: Accepted):
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model = accepted.model
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(self, delta: dict, finish_reason=None, logprobs=None, usage: Optional[Usage] = None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return self._envelope([choice], usage)
+
+    def usage_chunk(self, usage: Usage) -> dict:
+        return self._envelope([], usage, final=True)
+
+    def _envelope(self, choices: list, usage: Optional[Usage], final: bool = False) -> dict:
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if usage is not None:
+            chunk["usage"] = usage_dict(usage)
+        elif self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def deltas(self, events: list) -> list[dict]:
+        """Chunks for one batch of events; logprobs ride on the chunk of their text."""
+        chunks, logprobs = [], []
+        for event in events:
+            if isinstance(event, TokenLogprob):
+                logprobs.append(_logprob_dict(event))
+                continue
+            delta = _delta_of(event)
+            if delta is not None:
+                lp = {"content": logprobs} if logprobs else None
+                chunks.append(self.chunk(delta, logprobs=lp))
+                logprobs = []
+        if logprobs:
+            chunks.append(self.chunk({}, logprobs={"content": logprobs}))
+        return chunks
+
+
+def _delta_of(event) -> Optional[dict]:
+    if isinstance(event, ContentDelta):
+        return {"content": event.text}
+    if isinstance(event, ReasoningDelta):
+        return {"reasoning_content": event.text}
+    if isinstance(event, ToolCallStart):
+        call = {"index": event.index, "id": event.id, "type": "function",
+                "function": {"name": event.name, "arguments": ""}}
+        return {"tool_calls": [call]}
+    if isinstance(event, ToolCallArguments):
+        return {"tool_calls": [{"index": event.index, "function": {"arguments": event.fragment}}]}
+    return None
+
+
+async def _events(handle: RequestHandle) -> AsyncIterator:
+    """The engine's events for this request, one at a time, until Finish or Failure."""
+    while True:
+        for event in await handle.events.get():
+            yield event
+            if isinstance(event, (Finish, Failure)):
+                return
+
+
+async def _stream(response: ChatResponse, handle: RequestHandle) -> AsyncIterator[dict]:
+    try:
+        yield _data(response.chunk({"role": "assistant", "content": ""}))
+        async for event in _batched(handle):
+            if isinstance(event, list):
+                for chunk in response.deltas(event):
+                    yield _data(chunk)
+            elif isinstance(event, Finish):
+                if response.include_usage:
+                    yield _data(response.chunk({}, finish_reason=event.reason))
+                    yield _data(response.usage_chunk(event.usage))
+                else:
+                    yield _data(response.chunk({}, finish_reason=event.reason, usage=event.usage))
+            elif isinstance(event, Failure):
+                yield _data(error_body(event.message, 500, code="generation_failed"))
+                yield _data(response.usage_chunk(event.usage))
+        yield {"data": "[DONE]"}
+    finally:
+        handle.cancel()  # no-op once finished; stops generation if the client left
+
+
+async def _batched(handle: RequestHandle) -> AsyncIterator:
+    """Group consecutive parsed events into lists (one chunk each), passing Finish/Failure alone."""
+    while True:
+        events = await handle.events.get()
+        parsed = [e for e in events if not isinstance(e, (Finish, Failure))]
+        if parsed:
+            yield parsed
+        for e in events:
+            if isinstance(e, (Finish, Failure)):
+                yield e
+                return
+
+
+def _data(obj: dict) -> dict:
+    return {"data": json.dumps(obj, separators=(",", ":"), ensure_ascii=False)}
+
+
+async def _complete(response: ChatResponse, handle: RequestHandle, request: Request) -> dict:
+    """Assemble the whole answer; stop generating if the client goes away."""
+    content, reasoning, calls, logprobs = [], [], {}, []
+    collector = asyncio.ensure_future(_collect(handle, content, reasoning, calls, logprobs))
+    try:
+        while not collector.done():
+            await asyncio.wait({collector}, timeout=DISCONNECT_POLL_SECONDS)
+            if not collector.done() and await request.is_disconnected():
+                handle.cancel()
+                collector.cancel()
+                return error_body("client disconnected", 499)
+        last = collector.result()
+    finally:
+        handle.cancel()
+    if isinstance(last, Failure):
+        body = error_body(last.message, 500, code="generation_failed")
+        body["usage"] = usage_dict(last.usage)
+        return body
+    message = {
+        "role": "assistant",
+        "content": "".join(content) if content or not calls else None,
+    }
+    if reasoning:
+        message["reasoning_content"] = "".join(reasoning)
+    if calls:
+        message["tool_calls"] = [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": "".join(c["args"])}}
+            for _, c in sorted(calls.items())
+        ]
+    return {
+        "id": response.id,
+        "object": "chat.completion",
+        "created": response.created,
+        "model": response.model,
+        "system_fingerprint": None,
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "logprobs": {"content": logprobs} if logprobs else None,
+            "finish_reason": last.reason,
+        }],
+        "usage": usage_dict(last.usage),
+    }
+
+
+async def _collect(handle, content, reasoning, calls, logprobs):
+    async for event in _events(handle):
+        if isinstance(event, ContentDelta):
+            content.append(event.text)
+        elif isinstance(event, ReasoningDelta):
+            reasoning.append(event.text)
+        elif isinstance(event, ToolCallStart):
+            calls[event.index] = {"id": event.id, "name": event.name, "args": []}
+        elif isinstance(event, ToolCallArguments):
+            calls[event.index]["args"].append(event.fragment)
+        elif isinstance(event, TokenLogprob):
+            logprobs.append(_logprob_dict(event))
+        elif isinstance(event, (Finish, Failure)):
+            return event

@@ -1,0 +1,594 @@
+"""The generation loop: one thread owns MLX and serves every request through it.
+
+Requests arrive on a thread-safe inbox. The engine thread loads models, builds
+prompts, reuses cached prefixes, and runs mlx-lm's `BatchGenerator` so that
+concurrent requests share each decode step. Events go back to each request's
+asyncio queue with `call_soon_threadsafe`, so the event loop never blocks on MLX.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import ContextLengthExceeded, EngineError, InternalError, InvalidPrompt, ModelLoadFailed, QueueFull
+from .events import Failure, Finish, ReasoningDelta, TokenLogprob, Usage
+from .models import LoadedModel, load_model
+from .output import OutputParser, forced_prefix, output_format_for
+from .prompt import build_prompt
+
+log = logging.getLogger("mlxd.engine")
+
+# Fallbacks when neither the request nor the model's generation_config sets them
+# (OpenAI's defaults).
+DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+
+
+@dataclass
+class SamplingParams:
+    """Sampling as the client asked for it; None means "the model's default"."""
+
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    logit_bias: Optional[dict[int, float]] = None
+
+
+@dataclass
+class ModelRef:
+    """A model the registry resolved: the name it is served under and its directory."""
+
+    name: str
+    path: Path
+
+
+@dataclass
+class GenerationRequest:
+    model: ModelRef
+    messages: list[dict]
+    tools: Optional[list[dict]] = None
+    tool_choice: Any = "auto"
+    parallel_tool_calls: bool = True
+    max_tokens: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The prompt is built and queued for prefill."""
+
+    model: str
+    prompt_tokens: int
+    cached_tokens: int
+    max_tokens: int
+
+
+class RequestHandle:
+    """The asyncio side of one request: an acceptance future and an event queue."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self.loop = loop
+        self.accepted: asyncio.Future = loop.create_future()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.submitted_at = time.perf_counter()
+
+    def cancel(self) -> None:
+        """Called from asyncio when the client goes away; the engine drops it at the next step."""
+        self.cancelled = True
+
+    # Engine-thread side -------------------------------------------------
+    def _accept(self, accepted: Accepted) -> None:
+        self.loop.call_soon_threadsafe(_resolve, self.accepted, accepted, None)
+
+    def _reject(self, error: Exception) -> None:
+        self.loop.call_soon_threadsafe(_resolve, self.accepted, None, error)
+
+    def _push(self, events: list) -> None:
+        if events:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, events)
+
+
+def _resolve(future: asyncio.Future, value, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+@dataclass
+class _Active:
+    """Engine-thread state of one admitted request."""
+
+    handle: RequestHandle
+    detokenizer: Any
+    parser: OutputParser
+    usage: Usage
+    prompt: list[int]
+    checkpoints: list[str]
+    started_at: float
+    first_token_at: Optional[float] = None
+
+
+class Engine:
+    """Owns MLX: loads models, batches requests, streams events back."""
+
+    def __init__(
+        self,
+        *,
+        max_loaded_models: int = 1,
+        keep_alive: float = 600.0,
+        max_batch_size: int = 8,
+        max_queue: int = 32,
+        prefill_step_size: int = 512,
+        prompt_cache_bytes: int = 4 << 30,
+        prompt_cache_entries: int = 16,
+        trust_remote_code: bool = False,
+    ):
+        self.max_loaded_models = max(1, max_loaded_models)
+        self.keep_alive = keep_alive
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefill_step_size = prefill_step_size
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self.prompt_cache_entries = prompt_cache_entries
+        self.trust_remote_code = trust_remote_code
+
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: deque[RequestHandle] = deque()
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._current: Optional[LoadedModel] = None
+        self._batch = None
+        self._active: dict[int, _Active] = {}
+        self._prompt_cache = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="mlxd-engine", daemon=True)
+
+    # ------------------------------------------------------------------
+    # Public API (any thread)
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
+
+    def preload(self, ref: ModelRef) -> None:
+        """Load a model in the engine thread now rather than on first use."""
+        self._inbox.put(("load", ref))
+
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:
+        """Queue a request; raises QueueFull when active and waiting slots are all taken."""
+        with self._count_lock:
+            if self._in_flight >= self.max_batch_size + self.max_queue:
+                raise QueueFull(retry_after=2)
+            self._in_flight += 1
+        handle = RequestHandle(request, loop)
+        self._inbox.put(handle)
+        return handle
+
+    def loaded_models(self) -> list[dict]:
+        """Name, memory and idle time of each loaded model (a snapshot)."""
+        now = time.monotonic()
+        busy = self._current.name if self._current and self._active else None
+        return [
+            {
+                "name": m.name,
+                "path": str(m.path),
+                "memory_bytes": m.nbytes,
+                "context_length": m.context_length,
+                "idle_seconds": 0.0 if m.name == busy else round(now - m.last_used, 1),
+            }
+            for m in list(self._loaded.values())
+        ]
+
+    # ------------------------------------------------------------------
+    # Engine thread
+    def _run(self) -> None:
+        import mlx.core as mx
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self._stream = mx.new_stream(mx.default_device())
+        self._prompt_cache = LRUPromptCache(
+            max_size=self.prompt_cache_entries, max_bytes=self.prompt_cache_bytes
+        )
+        while not self._stopping:
+            self._take_inbox(block=not self._active and not self._waiting)
+            self._admit_waiting()
+            if self._active:
+                self._step_safely()
+            else:
+                self._unload_idle()
+        self._active.clear()
+        self._close_batch()
+
+    def _take_inbox(self, block: bool) -> None:
+        timeout = 1.0 if block else None
+        while True:
+            try:
+                item = self._inbox.get(block=block, timeout=timeout) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                return
+            if isinstance(item, tuple) and item[0] == "load":
+                try:
+                    self._ensure_loaded(item[1])
+                except EngineError as e:
+                    log.error("%s", e)
+            else:
+                self._waiting.append(item)
+
+    def _admit_waiting(self) -> None:
+        """Admit waiting requests in order; a request for another model waits for the batch to drain."""
+        while self._waiting and len(self._active) < self.max_batch_size:
+            handle = self._waiting[0]
+            if handle.cancelled:
+                self._waiting.popleft()
+                self._release(handle, None)
+                continue
+            model_name = handle.request.model.name
+            if self._active and self._current is not None and self._current.name != model_name:
+                return
+            self._waiting.popleft()
+            try:
+                self._admit(handle)
+            except EngineError as e:
+                self._release(handle, e)
+            except Exception as e:  # a bug must not kill the engine
+                log.exception("could not start request")
+                self._release(handle, InternalError(f"could not start the request: {e}"))
+
+    def _release(self, handle: RequestHandle, error: Optional[Exception]) -> None:
+        with self._count_lock:
+            self._in_flight -= 1
+        if error is not None:
+            handle._reject(error)
+
+    def _ensure_loaded(self, ref: ModelRef) -> LoadedModel:
+        lm = self._loaded.get(ref.name)
+        if lm is None:
+            while len(self._loaded) >= self.max_loaded_models:
+                name, old = self._loaded.popitem(last=False)
+                self._unload(old, "to make room")
+            try:
+                lm = load_model(ref.name, ref.path, trust_remote_code=self.trust_remote_code)
+            except Exception as e:
+                log.exception("loading %s failed", ref.name)
+                raise ModelLoadFailed(f"model {ref.name!r} could not be loaded: {e}") from e
+            self._loaded[ref.name] = lm
+        self._loaded.move_to_end(ref.name)
+        if self._current is not lm:
+            self._switch_to(lm)
+        return lm
+
+    def _switch_to(self, lm: LoadedModel) -> None:
+        from mlx_lm.generate import BatchGenerator
+
+        self._close_batch()
+        self._current = lm
+        self._batch = BatchGenerator(
+            lm.model,
+            completion_batch_size=self.max_batch_size,
+            prefill_batch_size=self.max_batch_size,
+            prefill_step_size=self.prefill_step_size,
+            stream=self._stream,
+        )
+
+    def _close_batch(self) -> None:
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
+        self._current = None
+
+    def _unload(self, lm: LoadedModel, why: str) -> None:
+        import gc
+
+        import mlx.core as mx
+
+        if self._current is lm:
+            self._close_batch()
+        self._prompt_cache.trim_to(n_sequences=0)
+        log.info("unloaded model %s (%s)", lm.name, why)
+        del lm
+        gc.collect()
+        mx.clear_cache()
+
+    def _unload_idle(self) -> None:
+        if self.keep_alive < 0:
+            return
+        now = time.monotonic()
+        for name, lm in list(self._loaded.items()):
+            if now - lm.last_used > self.keep_alive:
+                del self._loaded[name]
+                self._unload(lm, f"idle for {self.keep_alive:.0f} s")
+
+    def _admit(self, handle: RequestHandle) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import make_stop_sequences
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        req = handle.request
+        lm = self._ensure_loaded(req.model)
+        tokenizer = lm.tokenizer
+        fmt = output_format_for(tokenizer)
+        tools = req.tools if req.tool_choice != "none" else None
+        prefix = forced_prefix(fmt, req.tool_choice, tools)
+        try:
+            prompt = build_prompt(tokenizer, req.messages, tools, suffix=prefix)
+        except ValueError as e:
+            raise InvalidPrompt(str(e)) from e
+        n_prompt = len(prompt.tokens)
+        if n_prompt >= lm.context_length:
+            raise ContextLengthExceeded(lm.context_length, n_prompt)
+        room = lm.context_length - n_prompt
+        max_tokens = min(req.max_tokens, room) if req.max_tokens else room
+
+        cache, rest = _fetch_cache(self._prompt_cache, lm.name, prompt.tokens)
+        n_cached = n_prompt - len(rest)
+        segments, checkpoints = _segments(prompt.tokens, prompt.boundaries, n_cached)
+
+        sampling = _effective_sampling(req.sampling, lm.sampling_defaults)
+        if req.sampling.seed is not None:
+            mx.random.seed(req.sampling.seed)
+        greedy = sampling["temperature"] == 0
+        sampler = None if greedy else make_sampler(
+            sampling["temperature"],
+            top_p=sampling["top_p"] if sampling["top_p"] < 1.0 else 0.0,
+            min_p=sampling["min_p"],
+            top_k=sampling["top_k"],
+        )
+        processors = make_logits_processors(
+            req.sampling.logit_bias,
+            sampling.get("repetition_penalty"),
+            presence_penalty=req.sampling.presence_penalty,
+            frequency_penalty=req.sampling.frequency_penalty,
+        )
+        (uid,) = self._batch.insert_segments(
+            segments=[segments],
+            max_tokens=[max_tokens],
+            caches=[cache],
+            all_tokens=[prompt.tokens[:n_cached]],
+            samplers=[sampler],
+            logits_processors=[processors],
+            stop_sequences=[make_stop_sequences(tokenizer)],
+        )
+        parser = OutputParser(
+            fmt,
+            tools=tools,
+            tool_choice=req.tool_choice,
+            parallel_tool_calls=req.parallel_tool_calls,
+            stop=req.stop,
+            starts_in_reasoning=prompt.starts_in_reasoning,
+            prefix=prefix,
+        )
+        self._active[uid] = _Active(
+            handle=handle,
+            detokenizer=tokenizer.detokenizer,
+            parser=parser,
+            usage=Usage(prompt_tokens=n_prompt, cached_tokens=n_cached),
+            prompt=prompt.tokens,
+            checkpoints=checkpoints,
+            started_at=time.perf_counter(),
+        )
+        lm.last_used = time.monotonic()
+        handle._accept(Accepted(lm.name, n_prompt, n_cached, max_tokens))
+
+    def _step_safely(self) -> None:
+        try:
+            self._step()
+        except Exception as e:
+            log.exception("generation failed")
+            for uid, active in list(self._active.items()):
+                self._finish(uid, active, Failure(f"generation failed: {e}", active.usage))
+            lm = self._current
+            self._close_batch()
+            if lm is not None:
+                self._switch_to(lm)
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        if not self._active:
+            return
+        prompt_responses, gen_responses = self._batch.next()
+        self._save_checkpoints(prompt_responses)
+        for r in gen_responses:
+            active = self._active.get(r.uid)
+            if active is None:
+                continue
+            self._on_token(r, active)
+        if self._current is not None:
+            self._current.last_used = time.monotonic()
+
+    def _drop_cancelled(self) -> None:
+        gone = [uid for uid, a in self._active.items() if a.handle.cancelled]
+        if not gone:
+            return
+        self._remove_from_batch(gone)
+        for uid in gone:
+            active = self._active.pop(uid)
+            self._release(active.handle, None)
+            log.info("request cancelled by the client after %d tokens", active.usage.completion_tokens)
+
+    def _remove_from_batch(self, uids: list[int]) -> None:
+        """Take sequences out of the batch, keeping their cache for later prefix hits."""
+        caches = self._batch.remove(uids, return_prompt_caches=True)
+        for cache, tokens in caches.values():
+            if tokens:
+                self._prompt_cache.insert_cache(self._current.name, list(tokens), cache)
+        self._trim_prompt_cache()
+
+    def _save_checkpoints(self, prompt_responses) -> None:
+        """Store the cache at message boundaries so later requests can resume there."""
+        done = [
+            r.uid
+            for r in prompt_responses
+            if r.end_of_segment and not r.end_of_prompt and r.uid in self._active
+            and self._active[r.uid].checkpoints
+        ]
+        if not done:
+            return
+        for uid, (cache, tokens) in self._batch.extract_cache(done).items():
+            kind = self._active[uid].checkpoints.pop()
+            self._prompt_cache.insert_cache(self._current.name, list(tokens), cache, cache_type=kind)
+        self._trim_prompt_cache()
+
+    def _trim_prompt_cache(self) -> None:
+        self._prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes - self._batch.prompt_cache_nbytes)
+
+    def _on_token(self, r, active: _Active) -> None:
+        active.usage.completion_tokens += 1
+        if active.first_token_at is None:
+            active.first_token_at = time.perf_counter()
+        detok = active.detokenizer
+        if r.finish_reason == "stop":
+            detok.finalize()  # the end token itself is not text
+        else:
+            detok.add_token(r.token)
+            if r.finish_reason is not None:
+                detok.finalize()
+        text = detok.last_segment
+
+        parser = active.parser
+        was_reasoning = parser.in_reasoning
+        events: list = []
+        if active.handle.request.logprobs:
+            events.append(self._logprob_event(r, active))
+        events.extend(parser.feed(text))
+        if was_reasoning or parser.in_reasoning or any(isinstance(e, ReasoningDelta) for e in events):
+            active.usage.reasoning_tokens += 1
+
+        reason = r.finish_reason
+        if reason is None and parser.stopped:
+            reason = "stop"
+            self._remove_from_batch([r.uid])
+        elif reason is not None:
+            self._prompt_cache.insert_cache(self._current.name, list(r.all_tokens), r.prompt_cache)
+            self._trim_prompt_cache()
+        if reason is None:
+            active.handle._push(events)
+            return
+        tail, final_reason = parser.finish(reason)
+        events.extend(tail)
+        active.handle._push(events)
+        self._finish(r.uid, active, Finish(final_reason, active.usage))
+
+    def _finish(self, uid: int, active: _Active, last: Any) -> None:
+        self._active.pop(uid, None)
+        active.handle._push([last])
+        self._release(active.handle, None)
+        _log_request(active, last)
+
+    def _logprob_event(self, r, active: _Active) -> TokenLogprob:
+        import mlx.core as mx
+
+        tokenizer = self._current.tokenizer
+        logprobs = r.logprobs
+        n_top = active.handle.request.top_logprobs
+        top = []
+        if n_top > 0:
+            ids = mx.argpartition(-logprobs, kth=n_top - 1)[:n_top]
+            values = logprobs[ids].tolist()
+            ids = ids.tolist()
+            top = sorted(
+                ((_token_text(tokenizer, i), v) for i, v in zip(ids, values)),
+                key=lambda tv: -tv[1],
+            )
+        text = _token_text(tokenizer, r.token)
+        return TokenLogprob(
+            token=text,
+            logprob=logprobs[r.token].item(),
+            bytes=list(text.encode()),
+            top=[(t, v, list(t.encode())) for t, v in top],
+        )
+
+
+def _fetch_cache(prompt_cache, model_name: str, tokens: list[int]):
+    """The longest cached prefix, always leaving at least one token to feed the model."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens)
+    if cache is not None and not rest:
+        if not can_trim_prompt_cache(cache):
+            return None, tokens
+        trim_prompt_cache(cache, 1)
+        rest = tokens[-1:]
+    return cache, rest
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def _segments(tokens: list[int], boundaries: list[int], n_cached: int):
+    """Split the uncached part of the prompt at message boundaries for checkpointing.
+
+    Returns the segments and, for each segment end that gets a checkpoint, the
+    cache type (popped from the end as segments complete).
+    """
+    cuts = [b for b in boundaries if b > n_cached] + [len(tokens)]
+    segments, start = [], n_cached
+    for cut in cuts:
+        if cut > start:
+            segments.append(tokens[start:cut])
+            start = cut
+    # Only inner boundaries are checkpointed; the end of the prompt is saved at finish.
+    checkpoints = ["user"] * (len(segments) - 1)
+    return segments, checkpoints
+
+
+def _effective_sampling(sampling: SamplingParams, model_defaults: dict) -> dict:
+    """Request values first, then the model's generation_config, then OpenAI's defaults."""
+    merged = dict(DEFAULT_SAMPLING)
+    merged.update(model_defaults)
+    for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = getattr(sampling, key)
+        if value is not None:
+            merged[key] = value
+    return merged
+
+
+def _log_request(active: _Active, last: Any) -> None:
+    usage = active.usage
+    now = time.perf_counter()
+    ttft = (active.first_token_at or now) - active.started_at
+    decode_s = now - (active.first_token_at or now)
+    tps = (usage.completion_tokens - 1) / decode_s if decode_s > 0 and usage.completion_tokens > 1 else 0.0
+    outcome = last.reason if isinstance(last, Finish) else f"failed: {last.message}"
+    log.info(
+        "request done (%s): prompt %d tokens (%d cached), completion %d tokens (%d reasoning), "
+        "first token %.2f s, %.1f tokens/s",
+        outcome,
+        usage.prompt_tokens,
+        usage.cached_tokens,
+        usage.completion_tokens,
+        usage.reasoning_tokens,
+        ttft,
+        tps,
+    )

@@ -1,0 +1,59 @@
+"""Errors the runtime reports to whoever called it; `api/` maps them to HTTP."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class EngineError(Exception):
+    """A request the runtime cannot serve; `code` and `param` follow OpenAI's error fields."""
+
+    code: str = "invalid_request"
+    param: Optional[str] = None
+
+    def __init__(self, message: str, *, param: Optional[str] = None):
+        super().__init__(message)
+        if param is not None:
+            self.param = param
+
+
+class ModelNotFound(EngineError):
+    code = "model_not_found"
+    param = "model"
+
+
+class ModelLoadFailed(EngineError):
+    code = "model_load_failed"
+    param = "model"
+
+
+class ContextLengthExceeded(EngineError):
+    code = "context_length_exceeded"
+    param = "messages"
+
+    def __init__(self, context_length: int, prompt_tokens: int):
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens, "
+            f"but the prompt has {prompt_tokens} tokens. Please reduce the length of the messages."
+        )
+        self.context_length = context_length
+        self.prompt_tokens = prompt_tokens
+
+
+class InternalError(EngineError):
+    """A bug on our side while starting a request; the server keeps serving."""
+
+    code = "internal_error"
+
+
+class InvalidPrompt(EngineError):
+    code = "invalid_prompt"
+    param = "messages"
+
+
+class QueueFull(EngineError):
+    code = "queue_full"
+
+    def __init__(self, retry_after: int = 1):
+        super().__init__("The server is busy: too many requests are queued. Retry shortly.")
+        self.retry_after = retry_after

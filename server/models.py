@@ -1,0 +1,91 @@
+"""Loading models and knowing what they can do.
+
+`load_model` wraps `mlx_lm.load` and reads what the server needs besides the
+weights: context length and the checkpoint's own sampling defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mlxd.models")
+
+DEFAULT_CONTEXT_LENGTH = 4096
+# Keys of generation_config.json that map onto our sampling parameters.
+_SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: Any
+    tokenizer: Any
+    context_length: int
+    sampling_defaults: dict = field(default_factory=dict)
+    load_seconds: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        from mlx.utils import tree_flatten
+
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def context_length_of(config: dict) -> int:
+    """The longest sequence the model was trained for, from its config.json."""
+    text_config = config.get("text_config") or {}
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
+        value = config.get(key) or text_config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_CONTEXT_LENGTH
+
+
+def sampling_defaults_of(path: Path) -> dict:
+    """The model authors' recommended sampling, from generation_config.json."""
+    config = read_json(path / "generation_config.json")
+    if config.get("do_sample") is False:
+        return {"temperature": 0.0}
+    return {k: config[k] for k in _SAMPLING_DEFAULT_KEYS if isinstance(config.get(k), (int, float))}
+
+
+def load_model(name: str, path: Path, trust_remote_code: bool = False) -> LoadedModel:
+    """Load weights and tokenizer with mlx-lm, logging what loaded and how long it took."""
+    from mlx_lm import load
+
+    log.info("loading model %s from %s", name, path)
+    start = time.perf_counter()
+    model, tokenizer = load(str(path), trust_remote_code=trust_remote_code)
+    seconds = time.perf_counter() - start
+    loaded = LoadedModel(
+        name=name,
+        path=path,
+        model=model,
+        tokenizer=tokenizer,
+        context_length=context_length_of(read_json(path / "config.json")),
+        sampling_defaults=sampling_defaults_of(path),
+        load_seconds=seconds,
+    )
+    log.info(
+        "loaded model %s in %.2f s (%.1f MB, context %d tokens, tool parser %s)",
+        name,
+        seconds,
+        loaded.nbytes / 1e6,
+        loaded.context_length,
+        tokenizer.init_kwargs.get("tool_parser_type") if hasattr(tokenizer, "init_kwargs") else None,
+    )
+    return loaded

@@ -1,0 +1,136 @@
+"""Turn OpenAI-style messages into the token list the model reads.
+
+The prompt is rendered once with the model's own chat template and tokenized
+once; `prompt_tokens` in usage is the length of exactly this list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+log = logging.getLogger("mlxd.prompt")
+
+# How many of the last message boundaries get a prompt-cache checkpoint.
+RECENT_BOUNDARIES = 3
+
+
+@dataclass
+class Prompt:
+    tokens: list[int]
+    # Token offsets where a message ends (sorted, exclusive of 0 and len):
+    # the prompt cache keeps a checkpoint there.
+    boundaries: list[int]
+    # True when the rendered prompt leaves the model inside a thinking block.
+    starts_in_reasoning: bool = False
+
+
+def _text_of(content: Any) -> Any:
+    """Join an array of text parts into one string; leave other content alone."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") in ("text", "input_text"):
+            texts.append(part.get("text", ""))
+        elif isinstance(part, str):
+            texts.append(part)
+        else:
+            raise ValueError(f"unsupported content part type: {part.get('type')!r}")
+    return "".join(texts)
+
+
+def _arguments_object(arguments: Any) -> Any:
+    """Templates iterate tool-call arguments, so hand them a dict when the JSON parses."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            return arguments
+    return arguments
+
+
+def normalize_messages(messages: list[dict]) -> list[dict]:
+    """Bring OpenAI wire messages into the shape HF chat templates expect."""
+    out = []
+    for message in messages:
+        m = {k: v for k, v in message.items() if v is not None}
+        if "content" in m:
+            m["content"] = _text_of(m["content"])
+        elif m.get("role") in ("user", "system", "tool", "assistant"):
+            m["content"] = ""
+        if "reasoning" in m and "reasoning_content" not in m:
+            m["reasoning_content"] = m.pop("reasoning")
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                function = dict(call.get("function") or {})
+                function["arguments"] = _arguments_object(function.get("arguments"))
+                calls.append({**call, "function": function})
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
+
+
+def _render(tokenizer, messages, tools, add_generation_prompt) -> str:
+    return tokenizer.apply_chat_template(
+        messages,
+        tools=tools or None,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=False,
+    )
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def message_boundaries(tokenizer, messages, tools, tokens: list[int]) -> list[int]:
+    """Token offsets where the system prompt and the most recent messages end.
+
+    Found by rendering message prefixes and matching them to the full prompt,
+    so it holds for any template. Templates that refuse a prefix are skipped.
+    """
+    n_system = 0
+    while n_system < len(messages) and messages[n_system]["role"] == "system":
+        n_system += 1
+    cuts = {n_system} | set(range(max(1, len(messages) - RECENT_BOUNDARIES), len(messages)))
+    boundaries = set()
+    for k in sorted(c for c in cuts if 0 < c < len(messages)):
+        try:
+            text = _render(tokenizer, messages[:k], tools, add_generation_prompt=False)
+        except Exception:  # templates may insist on a user turn etc.
+            continue
+        prefix = tokenizer.encode(text, add_special_tokens=False)
+        n = _common_prefix(prefix, tokens)
+        if 0 < n < len(tokens):
+            boundaries.add(n)
+    return sorted(boundaries)
+
+
+def build_prompt(
+    tokenizer,
+    messages: list[dict],
+    tools: Optional[list[dict]] = None,
+    suffix: str = "",
+) -> Prompt:
+    """Render and tokenize a chat; `suffix` is text the assistant turn is forced to start with."""
+    messages = normalize_messages(messages)
+    if not tokenizer.has_chat_template:
+        raise ValueError("this model has no chat template")
+    text = _render(tokenizer, messages, tools, add_generation_prompt=True) + suffix
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    starts_in_reasoning = False
+    if tokenizer.has_thinking:
+        starts_in_reasoning = text.rfind(tokenizer.think_start) > text.rfind(tokenizer.think_end)
+    return Prompt(
+        tokens=tokens,
+        boundaries=message_boundaries(tokenizer, messages, tools, tokens),
+        starts_in_reasoning=starts_in_reasoning,
+    )
