@@ -161,7 +161,7 @@ def describe(info: BlasInfo) -> str:
         note = f"; {info.reason}" if info.reason else ""
         return f"BLAS: {info.library}{speed}{note}"
     return (
-        f"BLAS: {BUNDLED} ({info.reason}){speed}. float32 models run 10-30x slower"
-        f" than with OpenBLAS: `{INSTALL_HINT}` on Debian/Ubuntu, or your"
+        f"BLAS: {BUNDLED} ({info.reason}){speed}. float32 matrix products run 10-30x"
+        f" slower than with OpenBLAS: `{INSTALL_HINT}` on Debian/Ubuntu, or your"
         " distribution's openblas package"
     )
