@@ -80,24 +80,29 @@ def find_openblas() -> Optional[str]:
     return ctypes.util.find_library("openblas")
 
 
+def sgemm_path(lib: ctypes.CDLL) -> Optional[str]:
+    """Path of the library in which `lib`'s symbol lookup finds `cblas_sgemm`, or None."""
+    try:
+        address = ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value
+    except AttributeError:
+        return None
+    libc = ctypes.CDLL(None)
+    dladdr = getattr(libc, "dladdr", None) or ctypes.CDLL("libdl.so.2").dladdr
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    info = _DlInfo()
+    if not dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+        return None
+    return os.fsdecode(info.dli_fname)
+
+
 def sgemm_provider() -> Optional[str]:
-    """Path of the library that global symbol lookup resolves `cblas_sgemm` to.
+    """The library that global symbol lookup resolves `cblas_sgemm` to, or None.
 
     libmlx.so is loaded with RTLD_LOCAL, so its bundled BLAS never appears in
     the global scope: a hit here is exactly a library that takes precedence
     over the bundled one (loaded RTLD_GLOBAL or via LD_PRELOAD).
     """
-    libc = ctypes.CDLL(None)
-    try:
-        address = ctypes.cast(libc.cblas_sgemm, ctypes.c_void_p).value
-    except AttributeError:
-        return None
-    dladdr = getattr(libc, "dladdr", None) or ctypes.CDLL("libdl.so.2").dladdr
-    info = _DlInfo()
-    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
-    if not dladdr(address, ctypes.byref(info)) or not info.dli_fname:
-        return None
-    return os.fsdecode(info.dli_fname)
+    return sgemm_path(ctypes.CDLL(None))
 
 
 def measure_gflops(n: int = 256, repeats: int = 3) -> float:
@@ -115,18 +120,20 @@ def measure_gflops(n: int = 256, repeats: int = 3) -> float:
     return 2 * n**3 * repeats / elapsed / 1e9
 
 
-def _load(choice: Optional[str]) -> tuple[Optional[str], str]:
-    """Load the chosen or found library globally; return (path, reason if none loaded)."""
+def _load(choice: Optional[str]) -> tuple[Optional[ctypes.CDLL], str]:
+    """Load the chosen or found library globally; return it, or None and why not."""
     if choice and choice.lower() == "off":
         return None, "disabled by MLXD_BLAS=off"
     path = choice or find_openblas()
     if path is None:
         return None, "no system OpenBLAS found"
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
         return None, f"could not load {path}: {e}"
-    return path, ""
+    if sgemm_path(lib) is None:
+        return None, f"{path} does not export cblas_sgemm (prefixed symbols?)"
+    return lib, ""
 
 
 @functools.cache
@@ -138,17 +145,16 @@ def setup_blas() -> BlasInfo:
     if sys.platform == "darwin":
         return BlasInfo(ACCELERATE, interposed=False, gflops=None)
     if "mlx.core" in sys.modules:
-        path, reason = None, "mlx.core was imported before setup_blas(); too late to switch"
+        lib, reason = None, "mlx.core was imported before setup_blas(); too late to switch"
     else:
-        path, reason = _load(os.environ.get("MLXD_BLAS"))
+        lib, reason = _load(os.environ.get("MLXD_BLAS"))
     provider = sgemm_provider()
-    if provider is None and path is not None:
-        reason = f"{path} does not export cblas_sgemm (prefixed symbols?)"
     gflops = measure_gflops()
     if provider is None:
         return BlasInfo(BUNDLED, interposed=False, gflops=gflops, reason=reason)
-    if path is not None and os.path.realpath(provider) != os.path.realpath(path):
-        reason = f"{provider} (loaded earlier, e.g. LD_PRELOAD) takes precedence over {path}"
+    loaded = sgemm_path(lib) if lib is not None else None
+    if loaded is not None and loaded != provider:
+        reason = f"loaded earlier (e.g. LD_PRELOAD), it takes precedence over {loaded}"
     return BlasInfo(provider, interposed=True, gflops=gflops, reason=reason)
 
 

@@ -3,6 +3,7 @@ BLAS must be chosen before mlx.core is first imported."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -49,6 +50,13 @@ for _ in range(24):
     logits = model(token[None], cache=cache)[:, -1]
 print(json.dumps({"info": info, "tokens": tokens, "first_logits": first}))
 """
+
+
+def bundled_blas_path() -> str | None:
+    """The reference BLAS inside the mlx[cpu] wheel (mlx_cpu.libs/libblas-*.so*), if that is the layout."""
+    spec = importlib.util.find_spec("mlx")
+    libs = Path(next(iter(spec.submodule_search_locations))).parent / "mlx_cpu.libs"
+    return next((str(p) for p in sorted(libs.glob("libblas-*.so*"))), None)
 
 
 def run_python(code: str, **env: str) -> dict:
@@ -101,6 +109,16 @@ def test_library_without_cblas_symbols_is_detected():
     info = blas_info(MLXD_BLAS="libm.so.6")
     assert (info["library"], info["interposed"]) == (BUNDLED, False)
     assert "does not export cblas_sgemm" in info["reason"]
+
+
+@needs_openblas
+def test_preloaded_library_is_reported_over_the_loaded_one():
+    preload = bundled_blas_path()
+    if preload is None:
+        pytest.skip("mlx wheel without mlx_cpu.libs/libblas-*.so")
+    info = blas_info(LD_PRELOAD=preload)
+    assert (info["library"], info["interposed"]) == (preload, True)
+    assert info["reason"] == f"loaded earlier (e.g. LD_PRELOAD), it takes precedence over {OPENBLAS}"
 
 
 @linux_only
