@@ -1,0 +1,167 @@
+"""`mlxd doctor`: what mlxd runs on, in one screen.
+
+Everything a bug report needs and a user asks first: versions, the MLX
+device, the BLAS really in effect, where models are cached, which are there,
+and whether the hub answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+from server.blas import describe, setup_blas
+
+HUB_TIMEOUT_S = 3.0
+
+
+def package_version(name: str) -> Optional[str]:
+    """Installed version, or None (mlxd itself runs from a checkout without being installed)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def mlx_device() -> str:
+    """The default MLX device in words: Metal GPU, CUDA GPU or CPU, with its name."""
+    import mlx.core as mx
+
+    name = mx.device_info().get("device_name", "")
+    if mx.default_device().type == mx.gpu:
+        kind = "Metal GPU" if mx.metal.is_available() else "CUDA GPU"
+    else:
+        kind = "CPU"
+    return f"{kind} ({name})" if name else kind
+
+
+def free_bytes(path: str) -> int:
+    """Free disk space where `path` is or would be created."""
+    existing = Path(path)
+    while not existing.exists():
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def _looks_like_mlx(repo: Any) -> bool:
+    """An MLX repo by name (mlx-community/..., ...-MLX-4bit) or by mlx-lm's quantization key."""
+    if "mlx" in repo.repo_id.lower():
+        return True
+    for revision in repo.revisions:
+        for file in revision.files:
+            if file.file_name == "config.json":
+                try:
+                    return "quantization" in json.loads(file.file_path.read_text())
+                except (OSError, ValueError):
+                    return False
+    return False
+
+
+def cached_models(cache_dir: str) -> list[dict[str, Any]]:
+    """MLX models present in the Hugging Face cache, largest first."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        repos = scan_cache_dir(cache_dir).repos
+    except CacheNotFound:
+        return []
+    models = [r for r in repos if r.repo_type == "model" and _looks_like_mlx(r)]
+    models.sort(key=lambda r: (-r.size_on_disk, r.repo_id))
+    return [{"repo_id": r.repo_id, "size_bytes": r.size_on_disk} for r in models]
+
+
+def hub_status(endpoint: str, timeout: float = HUB_TIMEOUT_S) -> dict[str, Any]:
+    """One HEAD request to the hub through huggingface_hub's own HTTP session.
+
+    Using its session means proxies and certificates are the ones downloads use.
+    """
+    from huggingface_hub import get_session
+
+    try:
+        status = get_session().head(endpoint, timeout=timeout).status_code
+    except Exception as e:  # any failure to get an answer means "not reachable"
+        return {"endpoint": endpoint, "reachable": False, "status": None, "error": str(e) or type(e).__name__}
+    return {"endpoint": endpoint, "reachable": status < 500, "status": status, "error": None}
+
+
+def collect() -> dict[str, Any]:
+    """Everything doctor reports, as JSON-ready data."""
+    blas = setup_blas()  # first: it must run before mlx.core is imported
+    from huggingface_hub import constants
+
+    cache_dir = constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE:
+        hub = {"endpoint": constants.ENDPOINT, "reachable": False, "status": None, "error": "HF_HUB_OFFLINE is set"}
+    else:
+        hub = hub_status(constants.ENDPOINT)
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {name: package_version(name) for name in ("mlx", "mlx-lm", "mlxd")},
+        "device": mlx_device(),
+        "blas": {**asdict(blas), "summary": describe(blas)},
+        "hf_cache": {"path": cache_dir, "free_bytes": free_bytes(cache_dir)},
+        "models": cached_models(cache_dir),
+        "hub": hub,
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def format_table(data: dict[str, Any]) -> str:
+    """The short human-readable form of `collect()`."""
+    versions = data["versions"]
+    hub = data["hub"]
+    if hub["reachable"]:
+        hub_line = f"reachable ({hub['endpoint']}, HTTP {hub['status']})"
+    else:
+        hub_line = f"NOT reachable ({hub['endpoint']}: {hub['error'] or 'HTTP ' + str(hub['status'])})"
+    rows = [
+        ("platform", data["platform"]),
+        ("python", data["python"]),
+        ("mlx", versions["mlx"] or "not installed"),
+        ("mlx-lm", versions["mlx-lm"] or "not installed"),
+        ("mlxd", versions["mlxd"] or "not installed (running from a checkout)"),
+        ("device", data["device"]),
+        ("blas", data["blas"]["summary"].removeprefix("BLAS: ")),
+        ("hf cache", f"{data['hf_cache']['path']} ({_size(data['hf_cache']['free_bytes'])} free)"),
+        ("models", f"{len(data['models'])} MLX model(s) in the cache"),
+        *(("", f"{m['repo_id']}  {_size(m['size_bytes'])}") for m in data["models"]),
+        ("hub", hub_line),
+    ]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    data = collect()
+    print(json.dumps(data, indent=2) if args.json else format_table(data))
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `doctor [--json]` on the CLI's subparsers."""
+    parser = subparsers.add_parser("doctor", help="show what mlxd runs on (versions, device, BLAS, cache, hub)")
+    parser.add_argument("--json", action="store_true", help="print the same data as JSON")
+    parser.set_defaults(func=run)
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(prog="mlxd")
+    add_parser(cli.add_subparsers())
+    parsed = cli.parse_args(["doctor", *sys.argv[1:]])
+    sys.exit(parsed.func(parsed))
