@@ -8,6 +8,9 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from . import doctor
+from .blas import describe, setup_blas
+
 log = logging.getLogger("mlxd")
 
 
@@ -46,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     for name in list(local)[: args.max_loaded_models]:
         engine.preload(runtime.resolve(name))
     app = create_app(runtime, version=version())
+    log.info("%s", describe(setup_blas()))
     log.info("mlxd %s serving on http://%s:%d/v1", version(), args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
@@ -73,10 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prompt-cache-gb", type=float, default=4.0, help="memory budget of the prefix cache")
     serve.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from models")
     serve.set_defaults(func=_serve)
+    doctor.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_blas()  # before anything imports mlx.core, or the faster BLAS cannot take over
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level,

@@ -1,0 +1,56 @@
+"""Session fixtures: test models built once, and real `mlxd serve` processes over them."""
+
+from __future__ import annotations
+
+from server.blas import describe, setup_blas
+
+_BLAS = setup_blas()  # before any test imports mlx.core
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from scripts.testmodels import build_random_model, build_scripted_model  # noqa: E402
+from tests.server_process import ServerProcess  # noqa: E402
+
+GREETING = "Hello from mlxd. The quick brown fox jumps over the lazy dog."
+# Small context so that overflow and "max_tokens beyond the room left" are cheap to reach.
+RANDOM_CONTEXT = 256
+
+
+def pytest_report_header(config):
+    return describe(_BLAS)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def random_model(models_dir) -> Path:
+    return build_random_model(models_dir / "random-qwen2", max_position_embeddings=RANDOM_CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def greeting_model(models_dir):
+    return build_scripted_model(models_dir / "greeter", GREETING)
+
+
+@pytest.fixture(scope="session")
+def core_server(tmp_path_factory, random_model, greeting_model):
+    """One server with a random-weight model and a scripted one, both kept loaded."""
+    server = ServerProcess(
+        tmp_path_factory.mktemp("logs"),
+        ["--model", str(greeting_model.path), "--model", str(random_model), "--max-loaded-models", "2"],
+    ).start()
+    yield server
+    server.stop()
+
+
+def ground_truth_prompt_tokens(model_path: Path, messages: list[dict], tools=None) -> int:
+    """The templated prompt tokenized independently of the server, with the model's own tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return len(ids)
