@@ -158,7 +158,7 @@ def main() -> int:
     model_dir = args.model
     if model_dir is None:
         model_dir = build_random_model(work / "bench", hidden_size=512, num_layers=8, intermediate_size=1536,
-                                       max_position_embeddings=32768)
+                                       context_length=32768)
     print(f"model: {model_dir}  BLAS: {BLAS.library}")
 
     raw = raw_decode(model_dir, args.decode_tokens)

@@ -30,7 +30,7 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def random_model(models_dir) -> Path:
-    return build_random_model(models_dir / "random-qwen2", max_position_embeddings=RANDOM_CONTEXT)
+    return build_random_model(models_dir / "random-qwen2", context_length=RANDOM_CONTEXT)
 
 
 @pytest.fixture(scope="session")
