@@ -39,7 +39,11 @@ class _SilentTqdm(tqdm):
 
 
 def pull(name: str, progress: bool = True) -> ResolvedModel:
-    """Download `name` unless it is already complete; show tqdm bars on a terminal when `progress`."""
+    """Fetch whatever files of `name`'s current hub revision are missing, then resolve it.
+
+    `progress` shows huggingface_hub's tqdm bars (on stderr); the server passes False.
+    A local directory is only checked, never downloaded.
+    """
     ref = parse(name)
     if ref.repo is None:
         return resolve(name)

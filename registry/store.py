@@ -126,7 +126,7 @@ def missing_files(path: Path) -> list[str]:
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError):
+        except (ValueError, KeyError, AttributeError, TypeError):
             shards = [f"{_INDEX} (unreadable)"]
         missing += [s for s in shards if not (path / s).is_file()]
     elif not any(p.is_file() for p in path.glob("model*.safetensors")):
@@ -143,8 +143,14 @@ def config_context_length(path: Path) -> int | None:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    value = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
-    return value if isinstance(value, int) else None
+    if not isinstance(config, dict):
+        return None
+    text_config = config.get("text_config")
+    for section in (config, text_config if isinstance(text_config, dict) else {}):
+        value = section.get("max_position_embeddings")
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def _size(snapshot: Path) -> int:

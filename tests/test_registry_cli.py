@@ -55,7 +55,13 @@ class Mlxd:
 
 @pytest.fixture
 def hub(tmp_path):
-    repos = {CODER: write_model(tmp_path / "coder"), "gated-org/model": write_model(tmp_path / "gated")}
+    old_layout = write_model(tmp_path / "old")
+    (old_layout / "model.safetensors").rename(old_layout / "weights.00.safetensors")
+    repos = {
+        CODER: write_model(tmp_path / "coder"),
+        "gated-org/model": write_model(tmp_path / "gated"),
+        "old-org/model": old_layout,
+    }
     with FakeHub(repos, gated=("gated-org/model",)) as hub:
         yield hub
 
@@ -138,6 +144,26 @@ def test_unknown_repo(mlxd):
 
 def test_gated_repo(mlxd):
     assert_clean_error(mlxd("pull", "gated-org/model"), "gated-org/model is gated")
+
+
+def test_a_repo_mlx_lm_cannot_load_is_reported_not_listed(mlxd):
+    failed = mlxd("pull", "old-org/model")
+    assert_clean_error(failed, "old-org/model downloaded but is not a loadable MLX model: missing model*.safetensors")
+    assert "no models downloaded" in mlxd("ls").stdout
+
+
+def test_offline_mode(mlxd, hub):
+    mlxd.env["HF_HUB_OFFLINE"] = "1"
+    assert_clean_error(mlxd("pull", CODER), "offline mode is on (HF_HUB_OFFLINE)")
+    assert hub.requests == []
+
+
+def test_pull_without_progress_prints_nothing(mlxd):
+    script = "import registry; print(registry.pull('qwen2.5-coder:0.5b', progress=False).name)"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=mlxd.env, capture_output=True, text=True, timeout=120
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "qwen2.5-coder:0.5b-4bit\n", "")
 
 
 def test_unknown_name_suggests_close_matches(mlxd, hub):

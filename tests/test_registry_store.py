@@ -12,7 +12,7 @@ import pytest
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 
-from registry import NOT_FOUND, RegistryError, list_models, remove, resolve
+from registry import NOT_FOUND, RegistryError, list_models, pull, remove, resolve
 from registry.hub import ALLOW_PATTERNS
 from registry.store import config_context_length, missing_files
 from tests.fakehub import FakeHub, write_model
@@ -124,6 +124,7 @@ def test_local_directories_resolve_only_when_complete(tmp_path, cache):
     model = write_model(tmp_path / "local", max_position_embeddings=1024)
     resolved = resolve(str(model))
     assert (resolved.path, resolved.repo, resolved.context_length) == (model.resolve(), None, 1024)
+    assert pull(str(model)) == resolved  # nothing to download
     shutil.rmtree(model)
     model.mkdir()
     (model / "config.json").write_text("{}")
