@@ -54,14 +54,18 @@ class Family:
         return sorted({v.quant for v in self.variants})
 
     def variant(self, size: str, quant: str) -> Variant | None:
-        return next((v for v in self.variants if v.size == size and v.quant == quant), None)
+        return next(
+            (v for v in self.variants if v.size == size and v.quant == quant), None
+        )
 
     def tag(self, variant: Variant) -> str:
         """The canonical registry name of a variant, e.g. `qwen2.5-coder:7b-4bit`."""
         return f"{self.name}:{variant.size}-{variant.quant}"
 
 
-def _grid(template: str, sizes: dict[str, str], quants: tuple[str, ...]) -> tuple[Variant, ...]:
+def _grid(
+    template: str, sizes: dict[str, str], quants: tuple[str, ...]
+) -> tuple[Variant, ...]:
     """Variants for families whose repos are named uniformly, keyed by our lower-case size."""
     return tuple(
         Variant(size, quant, template.format(size=repo_size, quant=quant))
@@ -81,7 +85,14 @@ _FAMILIES = (
         default_quant="4bit",
         variants=_grid(
             "mlx-community/Qwen2.5-Coder-{size}-Instruct-{quant}",
-            {"0.5b": "0.5B", "1.5b": "1.5B", "3b": "3B", "7b": "7B", "14b": "14B", "32b": "32B"},
+            {
+                "0.5b": "0.5B",
+                "1.5b": "1.5B",
+                "3b": "3B",
+                "7b": "7B",
+                "14b": "14B",
+                "32b": "32B",
+            },
             ("4bit", "8bit", "bf16"),
         ),
         source="exo model list (exo-explore/exo exo/models.py, all 18 repos); HF model cards "
@@ -108,7 +119,8 @@ _FAMILIES = (
             Variant("30b-a3b", "8bit", "mlx-community/Qwen3-30B-A3B-8bit"),
         ),
         source="mlx-swift-examples LLMRegistry (0.6B/1.7B/4B/8B-4bit); exo model "
-        "cards (0.6B-8bit, 30B-A3B-4bit/8bit); widely used in public code (8B-8bit, 14B/32B-4bit)",
+        "cards (0.6B-8bit, 30B-A3B-4bit/8bit); widely used in public code "
+        "(8B-8bit, 14B/32B-4bit)",
     ),
     Family(
         name="qwen3-coder",
@@ -119,11 +131,18 @@ _FAMILIES = (
         default_size="30b-a3b",
         default_quant="4bit",
         variants=(
-            Variant("30b-a3b", "4bit", "mlx-community/Qwen3-Coder-30B-A3B-Instruct-4bit"),
-            Variant("30b-a3b", "8bit", "mlx-community/Qwen3-Coder-30B-A3B-Instruct-8bit"),
-            Variant("480b-a35b", "4bit", "mlx-community/Qwen3-Coder-480B-A35B-Instruct-4bit"),
+            Variant(
+                "30b-a3b", "4bit", "mlx-community/Qwen3-Coder-30B-A3B-Instruct-4bit"
+            ),
+            Variant(
+                "30b-a3b", "8bit", "mlx-community/Qwen3-Coder-30B-A3B-Instruct-8bit"
+            ),
+            Variant(
+                "480b-a35b", "4bit", "mlx-community/Qwen3-Coder-480B-A35B-Instruct-4bit"
+            ),
         ),
-        source="exo model card (480B-A35B-4bit); public code and server configs (30B-A3B 4bit/8bit)",
+        source="exo model card (480B-A35B-4bit); public code and server configs "
+        "(30B-A3B 4bit/8bit)",
     ),
     Family(
         name="qwen3-coder-next",
@@ -162,8 +181,12 @@ _FAMILIES = (
         default_size="16b",
         default_quant="4bit",
         variants=(
-            Variant("16b", "4bit", "mlx-community/DeepSeek-Coder-V2-Lite-Instruct-4bit-mlx"),
-            Variant("16b", "8bit", "mlx-community/DeepSeek-Coder-V2-Lite-Instruct-8bit"),
+            Variant(
+                "16b", "4bit", "mlx-community/DeepSeek-Coder-V2-Lite-Instruct-4bit-mlx"
+            ),
+            Variant(
+                "16b", "8bit", "mlx-community/DeepSeek-Coder-V2-Lite-Instruct-8bit"
+            ),
         ),
         source="HF model cards and file listings for both repos; exo model list (4bit)",
     ),
@@ -234,7 +257,7 @@ _FAMILIES = (
     ),
     Family(
         name="phi-4",
-        description="Microsoft Phi-4 14B (the released model is chat-tuned; no base was published)",
+        description="Microsoft Phi-4 14B (released chat-tuned only; no base model)",
         context_length=16384,
         tool_format=None,
         reasoning=None,
@@ -295,7 +318,9 @@ _FAMILIES = (
         default_quant="4bit",
         # 3b and 7b: BigCode released no instruct versions, and mlx-community only has
         # base conversions (starcoder2-3b-4bit, starcoder2-7b-4bit), which cannot chat.
-        variants=(Variant("15b", "4bit", "mlx-community/starcoder2-15b-instruct-v0.1-4bit"),),
+        variants=(
+            Variant("15b", "4bit", "mlx-community/starcoder2-15b-instruct-v0.1-4bit"),
+        ),
         source="HF model card mlx-community/starcoder2-15b-instruct-v0.1-4bit",
     ),
     Family(
@@ -306,7 +331,9 @@ _FAMILIES = (
         reasoning=None,
         default_size="7b",
         default_quant="4bit",
-        variants=(Variant("7b", "4bit", "mlx-community/Mistral-7B-Instruct-v0.3-4bit"),),
+        variants=(
+            Variant("7b", "4bit", "mlx-community/Mistral-7B-Instruct-v0.3-4bit"),
+        ),
         source="mlx-swift-examples LLMRegistry",
     ),
     Family(
@@ -317,7 +344,9 @@ _FAMILIES = (
         reasoning=None,
         default_size="12b",
         default_quant="4bit",
-        variants=(Variant("12b", "4bit", "mlx-community/Mistral-Nemo-Instruct-2407-4bit"),),
+        variants=(
+            Variant("12b", "4bit", "mlx-community/Mistral-Nemo-Instruct-2407-4bit"),
+        ),
         source="mlx-swift-examples LLMRegistry; exo model list",
     ),
     Family(
@@ -329,8 +358,12 @@ _FAMILIES = (
         default_size="24b",
         default_quant="4bit",
         variants=(
-            Variant("24b", "4bit", "mlx-community/Mistral-Small-3.2-24B-Instruct-2506-4bit"),
-            Variant("24b", "8bit", "mlx-community/Mistral-Small-3.2-24B-Instruct-2506-8bit"),
+            Variant(
+                "24b", "4bit", "mlx-community/Mistral-Small-3.2-24B-Instruct-2506-4bit"
+            ),
+            Variant(
+                "24b", "8bit", "mlx-community/Mistral-Small-3.2-24B-Instruct-2506-8bit"
+            ),
         ),
         source="public code and configs pinning both repos",
     ),
@@ -343,8 +376,12 @@ _FAMILIES = (
         default_size="24b",
         default_quant="4bit",
         variants=(
-            Variant("24b", "4bit", "mlx-community/Devstral-Small-2-24B-Instruct-2512-4bit"),
-            Variant("24b", "5bit", "mlx-community/Devstral-Small-2-24B-Instruct-2512-5bit"),
+            Variant(
+                "24b", "4bit", "mlx-community/Devstral-Small-2-24B-Instruct-2512-4bit"
+            ),
+            Variant(
+                "24b", "5bit", "mlx-community/Devstral-Small-2-24B-Instruct-2512-5bit"
+            ),
         ),
         source="public model lists and evaluation reports naming both repos",
     ),
@@ -397,7 +434,9 @@ _FAMILIES = (
 CATALOG: dict[str, Family] = {family.name: family for family in _FAMILIES}
 
 _BY_REPO: dict[str, tuple[Family, Variant]] = {
-    variant.repo.lower(): (family, variant) for family in _FAMILIES for variant in family.variants
+    variant.repo.lower(): (family, variant)
+    for family in _FAMILIES
+    for variant in family.variants
 }
 
 
@@ -406,5 +445,5 @@ def families() -> list[Family]:
 
 
 def find_repo(repo: str) -> tuple[Family, Variant] | None:
-    """The catalog entry serving `repo`; the hub treats repo ids case-insensitively, so do we."""
+    """The catalog entry serving `repo`, ignoring case as the hub does."""
     return _BY_REPO.get(repo.lower())

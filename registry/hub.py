@@ -29,7 +29,14 @@ from .store import ResolvedModel, missing_files, resolve
 # Only what mlx-lm loads: configs and tokenizer/chat-template files, the `model*.safetensors`
 # weights (not PyTorch bins, GGUF or consolidated.safetensors duplicates), and no `*.py`:
 # remote code is never fetched, so it can never be run.
-ALLOW_PATTERNS = ["*.json", "model*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+ALLOW_PATTERNS = [
+    "*.json",
+    "model*.safetensors",
+    "*.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+]
 
 
 class _SilentTqdm(tqdm):
@@ -51,34 +58,48 @@ def pull(name: str, progress: bool = True) -> ResolvedModel:
     missing = missing_files(path)
     if missing:
         raise RegistryError(
-            NOT_FOUND, f"{ref.repo} downloaded but is not a loadable MLX model: missing {', '.join(missing)}"
+            NOT_FOUND,
+            f"{ref.repo} downloaded but is not a loadable MLX model: "
+            f"missing {', '.join(missing)}",
         )
     return resolve(name)
 
 
 def download(repo: str, progress: bool = True) -> Path:
-    """snapshot_download with the model file patterns, turning hub failures into RegistryError."""
+    """snapshot_download of the model files; hub failures become RegistryError."""
     try:
         return Path(
-            snapshot_download(repo, allow_patterns=ALLOW_PATTERNS, tqdm_class=None if progress else _SilentTqdm)
+            snapshot_download(
+                repo,
+                allow_patterns=ALLOW_PATTERNS,
+                tqdm_class=None if progress else _SilentTqdm,
+            )
         )
     except GatedRepoError:
         raise RegistryError(
-            UNAVAILABLE, f"{repo} is gated: accept its terms on the Hugging Face Hub, then set HF_TOKEN"
+            UNAVAILABLE,
+            f"{repo} is gated: accept its terms on the Hugging Face Hub, then set HF_TOKEN",
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError):
         raise RegistryError(
-            NOT_FOUND, f"{repo} was not found on the Hugging Face Hub (a private repo needs HF_TOKEN)"
+            NOT_FOUND,
+            f"{repo} was not found on the Hugging Face Hub (a private repo needs HF_TOKEN)",
         ) from None
     except LocalEntryNotFoundError:
-        raise RegistryError(UNAVAILABLE, f"cannot download {repo}: {_unreachable()}") from None
+        raise RegistryError(
+            UNAVAILABLE, f"cannot download {repo}: {_unreachable()}"
+        ) from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code
         raise RegistryError(
-            UNAVAILABLE, f"downloading {repo} failed: the hub answered HTTP {status}; pull again to resume"
+            UNAVAILABLE,
+            f"downloading {repo} failed: the hub answered HTTP {status}; pull again to resume",
         ) from None
     except httpx2.HTTPError as exc:
-        raise RegistryError(UNAVAILABLE, f"downloading {repo} was interrupted ({exc}); pull again to resume") from None
+        raise RegistryError(
+            UNAVAILABLE,
+            f"downloading {repo} was interrupted ({exc}); pull again to resume",
+        ) from None
     except OSError as exc:
         raise RegistryError(UNAVAILABLE, f"downloading {repo} failed: {exc}") from None
 
@@ -86,4 +107,7 @@ def download(repo: str, progress: bool = True) -> Path:
 def _unreachable() -> str:
     if constants.is_offline_mode():
         return "offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache"
-    return f"the Hugging Face Hub at {constants.ENDPOINT} cannot be reached (check the network or HF_ENDPOINT)"
+    return (
+        f"the Hugging Face Hub at {constants.ENDPOINT} cannot be reached"
+        " (check the network or HF_ENDPOINT)"
+    )

@@ -41,7 +41,9 @@ def parse(text: str) -> ModelRef:
         return _local(text)
     if "/" in text:
         return repo_ref(validate_repo(text))
-    raise RegistryError(NOT_FOUND, f"unknown model '{text}'{_suggestions(text.lower())}")
+    raise RegistryError(
+        NOT_FOUND, f"unknown model '{text}'{_suggestions(text.lower())}"
+    )
 
 
 def validate_repo(text: str) -> str:
@@ -53,7 +55,9 @@ def validate_repo(text: str) -> str:
         valid = False
     if not valid:
         raise RegistryError(
-            NOT_FOUND, f"invalid model name '{text}': a repo id is 'org/name' of letters, digits, '.', '_', '-'"
+            NOT_FOUND,
+            f"invalid model name '{text}': a repo id is 'org/name' "
+            "of letters, digits, '.', '_', '-'",
         )
     return text
 
@@ -73,16 +77,21 @@ def repo_ref(repo: str) -> ModelRef:
 
 
 def _variant_ref(family: Family, variant: Variant) -> ModelRef:
-    return ModelRef(name=family.tag(variant), repo=variant.repo, local_path=None, family=family)
+    return ModelRef(
+        name=family.tag(variant), repo=variant.repo, local_path=None, family=family
+    )
 
 
 def _parse_catalog_name(text: str) -> ModelRef | None:
-    """`family`, `family-quant`, `family:size`, `family:size-quant`, `family:quant`; None if no family."""
+    """`family[-quant]` or `family:[size][-quant]`; None when no family matches."""
     if ":" in text:
         family_name, tag = text.split(":", 1)
         family = CATALOG.get(family_name)
         if family is None:
-            raise RegistryError(NOT_FOUND, f"unknown model family '{family_name}'{_suggestions(family_name)}")
+            raise RegistryError(
+                NOT_FOUND,
+                f"unknown model family '{family_name}'{_suggestions(family_name)}",
+            )
         size, quant = _split_tag(family, tag)
         return _variant_ref(family, _pick_variant(family, size, quant, text))
     if text in CATALOG:
@@ -104,16 +113,25 @@ def _split_tag(family: Family, tag: str) -> tuple[str | None, str | None]:
     return tag, None
 
 
-def _pick_variant(family: Family, size: str | None, quant: str | None, text: str) -> Variant:
+def _pick_variant(
+    family: Family, size: str | None, quant: str | None, text: str
+) -> Variant:
     """Fill in the family's default size, and its default quant where that size has it."""
     size = size or family.default_size
-    candidates = [v for v in family.variants if v.size == size and quant in (None, v.quant)]
+    candidates = [
+        v for v in family.variants if v.size == size and quant in (None, v.quant)
+    ]
     preferred = [v for v in candidates if v.quant == (quant or family.default_quant)]
     if preferred or candidates:
         return (preferred or candidates)[0]
     sizes = dict.fromkeys(v.size for v in family.variants)
-    available = ", ".join(f"{s} ({'/'.join(v.quant for v in family.variants if v.size == s)})" for s in sizes)
-    raise RegistryError(NOT_FOUND, f"'{text}' is not in the catalog; {family.name} comes in {available}")
+    available = ", ".join(
+        f"{s} ({'/'.join(v.quant for v in family.variants if v.size == s)})"
+        for s in sizes
+    )
+    raise RegistryError(
+        NOT_FOUND, f"'{text}' is not in the catalog; {family.name} comes in {available}"
+    )
 
 
 def _suggestions(text: str) -> str:

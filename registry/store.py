@@ -23,7 +23,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model")
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A model name resolved to where its files are; `path` is None until it is fully downloaded."""
+    """A model name and where its files are; `path` is None until fully downloaded."""
 
     name: str
     repo: str | None
@@ -52,7 +52,10 @@ def resolve(name: str) -> ResolvedModel:
             raise RegistryError(NOT_FOUND, f"no such model directory: {path}")
         missing = missing_files(path)
         if missing:
-            raise RegistryError(NOT_FOUND, f"{path} is not a complete model directory: missing {', '.join(missing)}")
+            raise RegistryError(
+                NOT_FOUND,
+                f"{path} is not a complete model directory: missing {', '.join(missing)}",
+            )
         return ResolvedModel(ref.name, None, path, config_context_length(path), None)
     path = complete_snapshot(ref.repo)
     family_context = ref.family.context_length if ref.family else None
@@ -67,7 +70,9 @@ def list_models() -> list[LocalModel]:
         path = complete_snapshot(repo)
         if path is not None:
             ref = repo_ref(repo)
-            context = config_context_length(path) or (ref.family.context_length if ref.family else None)
+            context = config_context_length(path) or (
+                ref.family.context_length if ref.family else None
+            )
             models.append(LocalModel(ref.name, repo, path, _size(path), context))
     return sorted(models, key=lambda m: m.name)
 
@@ -76,17 +81,24 @@ def remove(name: str) -> int:
     """Delete a downloaded repo (complete or not) from the cache; returns the bytes freed."""
     ref = parse(name)
     if ref.repo is None:
-        raise RegistryError(NOT_FOUND, f"{ref.name} is a local directory, not a download; delete it yourself")
+        raise RegistryError(
+            NOT_FOUND,
+            f"{ref.name} is a local directory, not a download; delete it yourself",
+        )
     folder = repo_folder(ref.repo)
     if not folder.is_dir():
         raise RegistryError(NOT_FOUND, f"{ref.name} is not downloaded")
-    freed = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+    freed = sum(
+        f.stat().st_size
+        for f in folder.rglob("*")
+        if f.is_file() and not f.is_symlink()
+    )
     shutil.rmtree(folder)
     return freed
 
 
 def cached_repos() -> list[str]:
-    """Repo ids with a folder in the cache, complete or not (`models--org--name` -> `org/name`)."""
+    """Repo ids with a cache folder (`models--org--name`), complete or not."""
     cache = Path(constants.HF_HUB_CACHE)
     if not cache.is_dir():
         return []
@@ -103,13 +115,17 @@ def repo_folder(repo: str) -> Path:
 
 
 def complete_snapshot(repo: str) -> Path | None:
-    """The snapshot to load for `repo`: the one `refs/main` names if complete, else the newest complete one."""
+    """The snapshot to load: `refs/main`'s if complete, else the newest complete one."""
     snapshots = repo_folder(repo) / "snapshots"
     if not snapshots.is_dir():
         return None
     main = repo_folder(repo) / "refs" / "main"
     main_commit = main.read_text().strip() if main.is_file() else None
-    ranked = sorted(snapshots.iterdir(), key=lambda p: (p.name == main_commit, p.stat().st_mtime), reverse=True)
+    ranked = sorted(
+        snapshots.iterdir(),
+        key=lambda p: (p.name == main_commit, p.stat().st_mtime),
+        reverse=True,
+    )
     return next((s for s in ranked if s.is_dir() and not missing_files(s)), None)
 
 
@@ -131,14 +147,16 @@ def missing_files(path: Path) -> list[str]:
         missing += [s for s in shards if not (path / s).is_file()]
     elif not any(p.is_file() for p in path.glob("model*.safetensors")):
         missing.append("model*.safetensors")
-    has_tokenizer = any((path / f).is_file() for f in _TOKENIZER_FILES) or any(path.glob("*.tiktoken"))
+    has_tokenizer = any((path / f).is_file() for f in _TOKENIZER_FILES) or any(
+        path.glob("*.tiktoken")
+    )
     if not has_tokenizer:
         missing.append("tokenizer (tokenizer.json, tokenizer.model or *.tiktoken)")
     return missing
 
 
 def config_context_length(path: Path) -> int | None:
-    """`max_position_embeddings` from config.json, looking inside `text_config` for multimodal configs."""
+    """config.json's `max_position_embeddings`, or its `text_config`'s (multimodal)."""
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):

@@ -15,7 +15,9 @@ import registry
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
-    pull = subparsers.add_parser("pull", help="download a model (e.g. qwen2.5-coder:7b) into the HF cache")
+    pull = subparsers.add_parser(
+        "pull", help="download a model (e.g. qwen2.5-coder:7b) into the HF cache"
+    )
     pull.add_argument("name", help="registry name, org/repo id, or local directory")
     pull.set_defaults(func=_reporting(_pull))
 
@@ -26,8 +28,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     rm.add_argument("name")
     rm.set_defaults(func=_reporting(_rm))
 
-    catalog = subparsers.add_parser("catalog", help="list the model families that can be pulled by name")
-    catalog.add_argument("family", nargs="?", help="show one family's sizes, quantizations and repos")
+    catalog = subparsers.add_parser(
+        "catalog", help="list the model families that can be pulled by name"
+    )
+    catalog.add_argument(
+        "family", nargs="?", help="show one family's sizes, quantizations and repos"
+    )
     catalog.set_defaults(func=_reporting(_catalog))
 
     ps = subparsers.add_parser("ps", help="list the models a running server has loaded")
@@ -36,7 +42,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     ps.set_defaults(func=_reporting(_ps))
 
 
-def _reporting(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def _reporting(
+    command: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
@@ -56,9 +64,15 @@ def _pull(args: argparse.Namespace) -> int:
 def _ls(args: argparse.Namespace) -> int:
     models = registry.list_models()
     if not models:
-        print("no models downloaded yet; try `mlxd pull qwen2.5-coder` (`mlxd catalog` lists more)")
+        print(
+            "no models downloaded yet; try `mlxd pull qwen2.5-coder`"
+            " (`mlxd catalog` lists more)"
+        )
         return 0
-    rows = [[m.name, m.repo, _bytes(m.size_bytes), _tokens(m.context_length)] for m in models]
+    rows = [
+        [m.name, m.repo, _bytes(m.size_bytes), _tokens(m.context_length)]
+        for m in models
+    ]
     _table(["NAME", "REPO", "SIZE", "CONTEXT"], rows)
     return 0
 
@@ -83,11 +97,24 @@ def _catalog(args: argparse.Namespace) -> int:
             ]
             for f in registry.families()
         ]
-        _table(["FAMILY", "SIZES", "DEFAULT", "CONTEXT", "TOOLS", "REASONING", "DESCRIPTION"], rows)
+        _table(
+            [
+                "FAMILY",
+                "SIZES",
+                "DEFAULT",
+                "CONTEXT",
+                "TOOLS",
+                "REASONING",
+                "DESCRIPTION",
+            ],
+            rows,
+        )
         return 0
     family = registry.CATALOG.get(args.family.lower())
     if family is None:
-        raise registry.RegistryError(registry.NOT_FOUND, f"no family '{args.family}' (see `mlxd catalog`)")
+        raise registry.RegistryError(
+            registry.NOT_FOUND, f"no family '{args.family}' (see `mlxd catalog`)"
+        )
     _table(["NAME", "REPO"], [[family.tag(v), v.repo] for v in family.variants])
     return 0
 
@@ -98,13 +125,19 @@ def _ps(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(url, timeout=5) as response:
             entries = json.load(response)["data"]
     except (OSError, ValueError, KeyError) as exc:
-        print(f"error: no mlxd server answered at {url} ({exc}); is `mlxd serve` running?", file=sys.stderr)
+        print(
+            f"error: no mlxd server answered at {url} ({exc}); is `mlxd serve` running?",
+            file=sys.stderr,
+        )
         return 1
     loaded = [e for e in entries if e.get("loaded")]
     if not loaded:
         print("no models loaded")
         return 0
-    rows = [[e["id"], _bytes(e.get("memory_bytes")), _seconds(e.get("idle_seconds"))] for e in loaded]
+    rows = [
+        [e["id"], _bytes(e.get("memory_bytes")), _seconds(e.get("idle_seconds"))]
+        for e in loaded
+    ]
     _table(["NAME", "MEMORY", "IDLE"], rows)
     return 0
 
@@ -112,7 +145,11 @@ def _ps(args: argparse.Namespace) -> int:
 def _table(headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
     for row in [headers, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print(
+            "  ".join(
+                str(cell).ljust(width) for cell, width in zip(row, widths)
+            ).rstrip()
+        )
 
 
 def _bytes(n: int | None) -> str:
@@ -133,4 +170,10 @@ def _seconds(s: float | None) -> str:
     if s is None:
         return "-"
     s = int(s)
-    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return (
+        f"{s}s"
+        if s < 60
+        else f"{s // 60}m{s % 60:02d}s"
+        if s < 3600
+        else f"{s // 3600}h{s % 3600 // 60:02d}m"
+    )

@@ -52,7 +52,7 @@ class FakeHub:
         return f"http://{host}:{port}"
 
     def cut_next_get(self, filename: str, at: int | None = None) -> None:
-        """Drop the connection after `at` bytes (default: half) of the next GET of `filename`."""
+        """Drop the next GET of `filename` after `at` bytes (default: half)."""
         self._cuts[filename] = at
 
     def fail_gets(self, filename: str) -> None:
@@ -64,7 +64,13 @@ class FakeHub:
 
     def gets(self, filename: str) -> list[Request]:
         """The GETs of a file's content, in order."""
-        return [r for r in self.requests if r.method == "GET" and _RESOLVE.fullmatch(r.path) and r.path.endswith(f"/{filename}")]
+        return [
+            r
+            for r in self.requests
+            if r.method == "GET"
+            and _RESOLVE.fullmatch(r.path)
+            and r.path.endswith(f"/{filename}")
+        ]
 
     def commit(self, repo: str) -> str:
         """A stable 40-hex commit sha derived from the repo's file names and contents."""
@@ -85,24 +91,42 @@ class FakeHub:
 
 
 def write_model(
-    root: Path, weight_bytes: int = 64_000, shards: int = 1, max_position_embeddings: int = 4096
+    root: Path,
+    weight_bytes: int = 64_000,
+    shards: int = 1,
+    max_position_embeddings: int = 4096,
 ) -> Path:
     """A directory shaped like an mlx-community repo: config, tokenizer, safetensors weights
     (opaque bytes: the registry never loads them), plus files a pull must skip."""
     root.mkdir(parents=True, exist_ok=True)
     config = {"model_type": "qwen2", "max_position_embeddings": max_position_embeddings}
     (root / "config.json").write_text(json.dumps(config))
-    (root / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
-    (root / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
-    names = ["model.safetensors"] if shards == 1 else [f"model-{i:05d}-of-{shards:05d}.safetensors" for i in range(1, shards + 1)]
+    (root / "tokenizer.json").write_text(
+        json.dumps({"version": "1.0", "model": {"type": "BPE"}})
+    )
+    (root / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{{ messages }}"})
+    )
+    names = (
+        ["model.safetensors"]
+        if shards == 1
+        else [
+            f"model-{i:05d}-of-{shards:05d}.safetensors" for i in range(1, shards + 1)
+        ]
+    )
     for i, name in enumerate(names):
         (root / name).write_bytes(random.Random(i).randbytes(weight_bytes))
     if shards > 1:
-        index = {"metadata": {}, "weight_map": {f"layers.{i}.weight": name for i, name in enumerate(names)}}
+        index = {
+            "metadata": {},
+            "weight_map": {f"layers.{i}.weight": name for i, name in enumerate(names)},
+        }
         (root / "model.safetensors.index.json").write_text(json.dumps(index))
     (root / "README.md").write_text("# test model\n")
     (root / "pytorch_model.bin").write_bytes(b"not for mlx")
-    (root / "modeling_custom.py").write_text("raise SystemExit('remote code must never be fetched')\n")
+    (root / "modeling_custom.py").write_text(
+        "raise SystemExit('remote code must never be fetched')\n"
+    )
     return root
 
 
@@ -146,15 +170,26 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             root, sha = hub.repos[repo], hub.commit(repo)
             files = [p.relative_to(root).as_posix() for p in _files(root)]
             if kind == "revision":
-                body = {"id": repo, "sha": sha, "siblings": [{"rfilename": f} for f in files]}
+                body = {
+                    "id": repo,
+                    "sha": sha,
+                    "siblings": [{"rfilename": f} for f in files],
+                }
             else:
                 body = [
-                    {"type": "file", "path": f, "size": (root / f).stat().st_size, "oid": _sha1(root / f)}
+                    {
+                        "type": "file",
+                        "path": f,
+                        "size": (root / f).stat().st_size,
+                        "oid": _sha1(root / f),
+                    }
                     for f in files
                 ]
             self._json(body, sha)
 
-        def _file(self, repo: str, revision: str, filename: str, send_body: bool) -> None:
+        def _file(
+            self, repo: str, revision: str, filename: str, send_body: bool
+        ) -> None:
             if not self._known(repo):
                 return
             path = hub.repos[repo] / filename
@@ -165,19 +200,31 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._error(503, None, "Service unavailable")
                 return
             data = path.read_bytes()
-            start = int(match.group(1)) if (match := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))) else 0
+            start = (
+                int(match.group(1))
+                if (
+                    match := re.fullmatch(
+                        r"bytes=(\d+)-", self.headers.get("Range", "")
+                    )
+                )
+                else 0
+            )
             self.send_response(206 if start else 200)
             self.send_header("X-Repo-Commit", hub.commit(repo))
             self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
             self.send_header("Content-Length", str(len(data) - start))
             if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header(
+                    "Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}"
+                )
             self.end_headers()
             if not send_body:
                 return
             if filename in hub._cuts:
                 cut = hub._cuts.pop(filename)
-                self.wfile.write(data[start : (len(data) + start) // 2 if cut is None else cut])
+                self.wfile.write(
+                    data[start : (len(data) + start) // 2 if cut is None else cut]
+                )
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(2)

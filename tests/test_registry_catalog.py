@@ -25,20 +25,25 @@ CHAT_WITHOUT_MARKER = {
 }
 # Tool-call formats the server must handle that mlx-lm has no parser module for.
 FORMATS_WITHOUT_MLX_LM_PARSER = {"llama3_json", "harmony"}
-_PARSER_DIR = Path(importlib.util.find_spec("mlx_lm").submodule_search_locations[0]) / "tool_parsers"
+_PARSER_DIR = (
+    Path(importlib.util.find_spec("mlx_lm").submodule_search_locations[0])
+    / "tool_parsers"
+)
 MLX_LM_PARSERS = {p.stem for p in _PARSER_DIR.glob("*.py")} - {"__init__"}
 
 
 def test_covers_the_planned_families():
     planned = {
-        "qwen2.5-coder", "deepseek-coder", "codellama", "llama-3.2", "phi-4", "gemma-2", "starcoder2",
-        "qwen3", "qwen3-coder", "llama-3.1", "llama-3.3", "gemma-3", "mistral", "devstral", "gpt-oss",
-        "glm-4.5-air", "glm-4.7-flash",
+        "qwen2.5-coder", "deepseek-coder", "codellama", "llama-3.2", "phi-4",
+        "gemma-2", "starcoder2", "qwen3", "qwen3-coder", "llama-3.1", "llama-3.3",
+        "gemma-3", "mistral", "devstral", "gpt-oss", "glm-4.5-air", "glm-4.7-flash",
     }  # fmt: skip
     assert planned <= set(catalog.CATALOG)
 
 
-@pytest.mark.parametrize("family,variant", VARIANTS, ids=lambda x: getattr(x, "repo", ""))
+@pytest.mark.parametrize(
+    "family,variant", VARIANTS, ids=lambda x: getattr(x, "repo", "")
+)
 def test_repo_ids_are_well_formed_mlx_community_chat_models(family, variant):
     assert re.fullmatch(r"mlx-community/[A-Za-z0-9][\w.-]*", variant.repo, re.ASCII)
     assert ".." not in variant.repo and "--" not in variant.repo
@@ -58,7 +63,10 @@ def test_family_metadata_is_consistent(family):
     assert family.default is not None, "default size/quant must be a listed variant"
     assert family.description and family.source
     assert family.context_length >= 4096
-    assert family.tool_format is None or family.tool_format in MLX_LM_PARSERS | FORMATS_WITHOUT_MLX_LM_PARSER
+    assert (
+        family.tool_format is None
+        or family.tool_format in MLX_LM_PARSERS | FORMATS_WITHOUT_MLX_LM_PARSER
+    )
     assert family.reasoning in (None, "think_tags", "harmony")
     assert family.calls_tools == (family.tool_format is not None)
     for variant in family.variants:
@@ -66,7 +74,9 @@ def test_family_metadata_is_consistent(family):
         assert re.fullmatch(r"\d+bit|bf16|mxfp4", variant.quant)
 
 
-@pytest.mark.parametrize("family,variant", VARIANTS, ids=lambda x: getattr(x, "repo", ""))
+@pytest.mark.parametrize(
+    "family,variant", VARIANTS, ids=lambda x: getattr(x, "repo", "")
+)
 def test_every_tag_and_repo_resolves_back_to_its_variant(family, variant):
     by_tag = parse(family.tag(variant))
     by_repo = parse(variant.repo.upper())

@@ -43,7 +43,9 @@ class Mlxd:
 
     def __init__(self, endpoint: str, hf_home: Path):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-        self.env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1")
+        self.env.update(
+            HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1"
+        )
         self.cache = hf_home / "hub"
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess:
@@ -83,8 +85,17 @@ def test_pull_shows_progress_then_ls_lists_the_model(mlxd, hub):
     assert "Fetching 4 files" in pulled.stderr and "4/4" in pulled.stderr
     assert "qwen2.5-coder:0.5b-4bit is ready" in pulled.stdout
     # Only what mlx-lm loads: no README, no PyTorch weights, no remote code.
-    fetched = {r.path.rsplit("/", 1)[1] for r in hub.requests if r.method == "GET" and "/resolve/" in r.path}
-    assert fetched == {"config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"}
+    fetched = {
+        r.path.rsplit("/", 1)[1]
+        for r in hub.requests
+        if r.method == "GET" and "/resolve/" in r.path
+    }
+    assert fetched == {
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    }
 
     listed = mlxd("ls")
     assert listed.returncode == 0
@@ -94,7 +105,9 @@ def test_pull_shows_progress_then_ls_lists_the_model(mlxd, hub):
     assert row.split()[-1] == "4K"  # from the downloaded config.json, not the catalog
 
 
-def test_a_dropped_connection_resumes_mid_file_with_a_range_request(mlxd, hub, tmp_path):
+def test_a_dropped_connection_resumes_mid_file_with_a_range_request(
+    mlxd, hub, tmp_path
+):
     # Past huggingface_hub's 10 MiB read chunk, so the first 10 MiB are kept when the cut comes.
     weights = 12 * 2**20
     hub.repos[CODER] = write_model(tmp_path / "big", weight_bytes=weights)
@@ -102,9 +115,15 @@ def test_a_dropped_connection_resumes_mid_file_with_a_range_request(mlxd, hub, t
     pulled = mlxd("pull", CODER)
     assert pulled.returncode == 0, pulled.stderr
     assert "Trying to resume download" in pulled.stderr
-    assert [r.range for r in hub.gets("model.safetensors")] == [None, f"bytes={10 * 2**20}-"]
+    assert [r.range for r in hub.gets("model.safetensors")] == [
+        None,
+        f"bytes={10 * 2**20}-",
+    ]
     blob = next(mlxd.cache.glob("models--*/snapshots/*/model.safetensors")).read_bytes()
-    assert hashlib.sha256(blob).digest() == hashlib.sha256((tmp_path / "big/model.safetensors").read_bytes()).digest()
+    assert (
+        hashlib.sha256(blob).digest()
+        == hashlib.sha256((tmp_path / "big/model.safetensors").read_bytes()).digest()
+    )
 
 
 def test_an_interrupted_pull_is_invisible_and_the_next_pull_completes_it(mlxd, hub):
@@ -117,7 +136,9 @@ def test_an_interrupted_pull_is_invisible_and_the_next_pull_completes_it(mlxd, h
     hub.heal()
     resumed = mlxd("pull", "qwen2.5-coder:0.5b")
     assert resumed.returncode == 0, resumed.stderr
-    assert len(hub.gets("config.json")) == 1  # finished files were kept, not fetched again
+    assert (
+        len(hub.gets("config.json")) == 1
+    )  # finished files were kept, not fetched again
     assert "qwen2.5-coder:0.5b-4bit" in mlxd("ls").stdout
 
 
@@ -135,11 +156,16 @@ def test_rm(mlxd):
     assert removed.returncode == 0
     assert "removed qwen2.5-coder:0.5b" in removed.stdout
     assert "no models downloaded" in mlxd("ls").stdout
-    assert_clean_error(mlxd("rm", "qwen2.5-coder:0.5b"), "qwen2.5-coder:0.5b-4bit is not downloaded")
+    assert_clean_error(
+        mlxd("rm", "qwen2.5-coder:0.5b"), "qwen2.5-coder:0.5b-4bit is not downloaded"
+    )
 
 
 def test_unknown_repo(mlxd):
-    assert_clean_error(mlxd("pull", "nobody/no-such-model"), "nobody/no-such-model was not found on the Hugging Face Hub")
+    assert_clean_error(
+        mlxd("pull", "nobody/no-such-model"),
+        "nobody/no-such-model was not found on the Hugging Face Hub",
+    )
 
 
 def test_gated_repo(mlxd):
@@ -148,7 +174,10 @@ def test_gated_repo(mlxd):
 
 def test_a_repo_mlx_lm_cannot_load_is_reported_not_listed(mlxd):
     failed = mlxd("pull", "old-org/model")
-    assert_clean_error(failed, "old-org/model downloaded but is not a loadable MLX model: missing model*.safetensors")
+    assert_clean_error(
+        failed,
+        "old-org/model downloaded but is not a loadable MLX model: missing model*.safetensors",
+    )
     assert "no models downloaded" in mlxd("ls").stdout
 
 
@@ -161,9 +190,18 @@ def test_offline_mode(mlxd, hub):
 def test_pull_without_progress_prints_nothing(mlxd):
     script = "import registry; print(registry.pull('qwen2.5-coder:0.5b', progress=False).name)"
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env=mlxd.env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=mlxd.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert (result.returncode, result.stdout, result.stderr) == (0, "qwen2.5-coder:0.5b-4bit\n", "")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        "qwen2.5-coder:0.5b-4bit\n",
+        "",
+    )
 
 
 def test_unknown_name_suggests_close_matches(mlxd, hub):
@@ -197,7 +235,10 @@ def test_catalog_lists_every_family_and_a_family_lists_its_repos(capsys):
     assert code == 0
     rows = [line.split() for line in out.splitlines()]
     assert len(rows) == 1 + 18
-    assert ["qwen2.5-coder:32b-bf16", "mlx-community/Qwen2.5-Coder-32B-Instruct-bf16"] in rows
+    assert [
+        "qwen2.5-coder:32b-bf16",
+        "mlx-community/Qwen2.5-Coder-32B-Instruct-bf16",
+    ] in rows
     code, _, err = run_in_process(capsys, "catalog", "nope")
     assert code == 1 and "no family 'nope'" in err
 
@@ -236,7 +277,10 @@ def server_with_models():
 def test_ps_lists_loaded_models(capsys, server_with_models):
     code, out, _ = run_in_process(capsys, "ps", "--port", str(server_with_models))
     assert code == 0
-    assert out.splitlines() == ["NAME                   MEMORY  IDLE", "qwen2.5-coder:7b-4bit  4.3 GB  2m05s"]
+    assert out.splitlines() == [
+        "NAME                   MEMORY  IDLE",
+        "qwen2.5-coder:7b-4bit  4.3 GB  2m05s",
+    ]
 
 
 def test_ps_without_a_server(capsys):

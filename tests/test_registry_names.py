@@ -9,19 +9,59 @@ from registry.names import parse
 @pytest.mark.parametrize(
     "text,name,repo",
     [
-        ("qwen2.5-coder", "qwen2.5-coder:7b-4bit", "mlx-community/Qwen2.5-Coder-7B-Instruct-4bit"),
-        ("Qwen2.5-Coder", "qwen2.5-coder:7b-4bit", "mlx-community/Qwen2.5-Coder-7B-Instruct-4bit"),
-        ("qwen2.5-coder:14b", "qwen2.5-coder:14b-4bit", "mlx-community/Qwen2.5-Coder-14B-Instruct-4bit"),
-        ("qwen2.5-coder:7b-8bit", "qwen2.5-coder:7b-8bit", "mlx-community/Qwen2.5-Coder-7B-Instruct-8bit"),
-        ("qwen2.5-coder-8bit", "qwen2.5-coder:7b-8bit", "mlx-community/Qwen2.5-Coder-7B-Instruct-8bit"),
-        ("qwen2.5-coder:bf16", "qwen2.5-coder:7b-bf16", "mlx-community/Qwen2.5-Coder-7B-Instruct-bf16"),
+        (
+            "qwen2.5-coder",
+            "qwen2.5-coder:7b-4bit",
+            "mlx-community/Qwen2.5-Coder-7B-Instruct-4bit",
+        ),
+        (
+            "Qwen2.5-Coder",
+            "qwen2.5-coder:7b-4bit",
+            "mlx-community/Qwen2.5-Coder-7B-Instruct-4bit",
+        ),
+        (
+            "qwen2.5-coder:14b",
+            "qwen2.5-coder:14b-4bit",
+            "mlx-community/Qwen2.5-Coder-14B-Instruct-4bit",
+        ),
+        (
+            "qwen2.5-coder:7b-8bit",
+            "qwen2.5-coder:7b-8bit",
+            "mlx-community/Qwen2.5-Coder-7B-Instruct-8bit",
+        ),
+        (
+            "qwen2.5-coder-8bit",
+            "qwen2.5-coder:7b-8bit",
+            "mlx-community/Qwen2.5-Coder-7B-Instruct-8bit",
+        ),
+        (
+            "qwen2.5-coder:bf16",
+            "qwen2.5-coder:7b-bf16",
+            "mlx-community/Qwen2.5-Coder-7B-Instruct-bf16",
+        ),
         ("qwen3:30b-a3b", "qwen3:30b-a3b-4bit", "mlx-community/Qwen3-30B-A3B-4bit"),
-        ("qwen3:30b-a3b-8bit", "qwen3:30b-a3b-8bit", "mlx-community/Qwen3-30B-A3B-8bit"),
-        ("codellama:34b-6bit", "codellama:34b-6bit", "mlx-community/CodeLlama-34b-Instruct-hf-6bit-mlx"),
+        (
+            "qwen3:30b-a3b-8bit",
+            "qwen3:30b-a3b-8bit",
+            "mlx-community/Qwen3-30B-A3B-8bit",
+        ),
+        (
+            "codellama:34b-6bit",
+            "codellama:34b-6bit",
+            "mlx-community/CodeLlama-34b-Instruct-hf-6bit-mlx",
+        ),
         ("gpt-oss:120b", "gpt-oss:120b-mxfp4", "mlx-community/gpt-oss-120b-MXFP4-Q8"),
         # A size without the family's default quant falls back to what that size has.
-        ("codellama:34b", "codellama:34b-4bit", "mlx-community/CodeLlama-34b-Instruct-hf-4bit"),
-        ("codellama:70b", "codellama:70b-4bit", "mlx-community/CodeLlama-70b-Instruct-hf-4bit-MLX"),
+        (
+            "codellama:34b",
+            "codellama:34b-4bit",
+            "mlx-community/CodeLlama-34b-Instruct-hf-4bit",
+        ),
+        (
+            "codellama:70b",
+            "codellama:70b-4bit",
+            "mlx-community/CodeLlama-70b-Instruct-hf-4bit-MLX",
+        ),
         # Repo ids in the catalog get their registry name; others keep the id.
         ("mlx-community/qwen3-8b-4bit", "qwen3:8b-4bit", "mlx-community/Qwen3-8B-4bit"),
         ("someone/My_Model-v1.5", "someone/My_Model-v1.5", "someone/My_Model-v1.5"),
@@ -37,7 +77,18 @@ def test_catalog_names_carry_their_family():
     assert parse("someone/model").family is None
 
 
-@pytest.mark.parametrize("text", ["../x", "a/../../b", "org/..", "../../etc/passwd", "org/a--b", "a/b/c", "org/na me"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "../x",
+        "a/../../b",
+        "org/..",
+        "../../etc/passwd",
+        "org/a--b",
+        "a/b/c",
+        "org/na me",
+    ],
+)
 def test_names_cannot_escape_the_store(text):
     with pytest.raises(RegistryError) as err:
         parse(text)

@@ -39,7 +39,9 @@ def hub(tmp_path):
 
 
 def download(hub, repo, cache):
-    return snapshot_download(repo, endpoint=hub.url, cache_dir=cache, allow_patterns=ALLOW_PATTERNS)
+    return snapshot_download(
+        repo, endpoint=hub.url, cache_dir=cache, allow_patterns=ALLOW_PATTERNS
+    )
 
 
 def test_missing_files_names_what_a_directory_lacks(tmp_path):
@@ -65,7 +67,9 @@ def test_old_weights_layout_is_not_a_model(tmp_path):
 def test_context_length_comes_from_config_or_its_text_config(tmp_path):
     model = write_model(tmp_path / "m", max_position_embeddings=8192)
     assert config_context_length(model) == 8192
-    (model / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 131072}}))
+    (model / "config.json").write_text(
+        json.dumps({"text_config": {"max_position_embeddings": 131072}})
+    )
     assert config_context_length(model) == 131072
 
 
@@ -80,16 +84,25 @@ def test_downloads_are_listed_by_registry_name(hub, cache):
     assert {p.name for p in models[0].path.iterdir()} == {
         "config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
     }  # fmt: skip
-    assert models[0].size_bytes == sum(p.stat().st_size for p in models[0].path.iterdir())
+    assert models[0].size_bytes == sum(
+        p.stat().st_size for p in models[0].path.iterdir()
+    )
     assert models[1].size_bytes > 3 * 64_000
 
 
 def test_resolve_points_at_the_complete_snapshot(hub, cache):
     before = resolve("qwen2.5-coder:0.5b")
-    assert (before.path, before.context_length) == (None, 32768)  # catalog value until downloaded
+    assert (before.path, before.context_length) == (
+        None,
+        32768,
+    )  # catalog value until downloaded
     snapshot = download(hub, CODER, cache)
     after = resolve("qwen2.5-coder:0.5b")
-    assert (str(after.path), after.repo, after.family.name) == (snapshot, CODER, "qwen2.5-coder")
+    assert (str(after.path), after.repo, after.family.name) == (
+        snapshot,
+        CODER,
+        "qwen2.5-coder",
+    )
     assert resolve(CODER).path == after.path
 
 
@@ -114,7 +127,9 @@ def test_remove_deletes_complete_and_broken_downloads(hub, cache):
     freed = remove("qwen2.5-coder:0.5b-4bit")
     assert freed >= 64_000
     assert list_models() == []
-    assert not (cache / "models--mlx-community--Qwen2.5-Coder-0.5B-Instruct-4bit").exists()
+    assert not (
+        cache / "models--mlx-community--Qwen2.5-Coder-0.5B-Instruct-4bit"
+    ).exists()
     with pytest.raises(RegistryError, match="is not downloaded") as err:
         remove(CODER)
     assert err.value.kind == NOT_FOUND
@@ -123,12 +138,18 @@ def test_remove_deletes_complete_and_broken_downloads(hub, cache):
 def test_local_directories_resolve_only_when_complete(tmp_path, cache):
     model = write_model(tmp_path / "local", max_position_embeddings=1024)
     resolved = resolve(str(model))
-    assert (resolved.path, resolved.repo, resolved.context_length) == (model.resolve(), None, 1024)
+    assert (resolved.path, resolved.repo, resolved.context_length) == (
+        model.resolve(),
+        None,
+        1024,
+    )
     assert pull(str(model)) == resolved  # nothing to download
     shutil.rmtree(model)
     model.mkdir()
     (model / "config.json").write_text("{}")
-    with pytest.raises(RegistryError, match="not a complete model directory: missing model"):
+    with pytest.raises(
+        RegistryError, match="not a complete model directory: missing model"
+    ):
         resolve(str(model))
     with pytest.raises(RegistryError, match="local directory, not a download"):
         remove(str(model))
