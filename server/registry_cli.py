@@ -7,7 +7,6 @@ A RegistryError becomes its message on stderr and exit status 1, never a traceba
 import argparse
 import json
 import sys
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 
