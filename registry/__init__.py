@@ -1,1 +1,22 @@
 """What models exist and where their files are: catalog, names, downloads, the local store."""
+
+from .catalog import CATALOG, Family, Variant, families
+from .errors import NOT_FOUND, UNAVAILABLE, RegistryError
+from .hub import pull
+from .store import LocalModel, ResolvedModel, list_models, remove, resolve
+
+__all__ = [
+    "CATALOG",
+    "NOT_FOUND",
+    "UNAVAILABLE",
+    "Family",
+    "LocalModel",
+    "RegistryError",
+    "ResolvedModel",
+    "Variant",
+    "families",
+    "list_models",
+    "pull",
+    "remove",
+    "resolve",
+]
