@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from server.errors import ContextLengthExceeded, EngineError, InternalError, ModelLoadFailed, ModelNotFound, QueueFull
+from server.errors import ContextLengthExceeded, EngineError, InternalError, ModelLoadFailed, ModelNotFound, ModelUnavailable, QueueFull
 
 log = logging.getLogger("mlxd.api")
 
@@ -18,6 +18,7 @@ _STATUS_BY_ERROR = {
     ModelNotFound: 404,
     QueueFull: 429,
     ModelLoadFailed: 500,
+    ModelUnavailable: 503,
     InternalError: 500,
     ContextLengthExceeded: 400,
 }

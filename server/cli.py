@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import doctor
+import registry
+
+from . import doctor, registry_cli
 from .blas import describe, setup_blas
 
 log = logging.getLogger("mlxd")
@@ -21,21 +24,39 @@ def version() -> str:
         return "0+checkout"
 
 
+@dataclass
+class _ServedModel:
+    name: str
+    path: Path
+    local: bool
+
+
+def _served_model(name: str, pull: bool) -> _ServedModel:
+    """A --model argument: a local directory, or a registry name that is (or gets) downloaded."""
+    resolved = registry.resolve(name)
+    if resolved.repo is None:
+        return _ServedModel(resolved.path.resolve().name, resolved.path, local=True)
+    if resolved.path is None:
+        if not pull:
+            raise registry.RegistryError(registry.NOT_FOUND, f"{resolved.name} is not downloaded. Run: mlxd pull {name}")
+        resolved = registry.pull(name)
+    return _ServedModel(resolved.name, resolved.path, local=False)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from api.app import create_app
 
-    from .engine import Engine
+    from .engine import Engine, ModelRef
     from .runtime import Runtime
 
-    local = {}
-    for model in args.model or []:
-        path = Path(model).expanduser()
-        if not (path / "config.json").is_file():
-            print(f"mlxd: {model} is not a model directory (no config.json)", file=sys.stderr)
-            return 2
-        local[path.resolve().name] = path
+    try:
+        preload = [_served_model(name, args.pull) for name in args.model or []]
+    except registry.RegistryError as e:
+        print(f"mlxd: {e}", file=sys.stderr)
+        return 2
+    local = {ref.name: ref.path for ref in preload if ref.local}
     engine = Engine(
         max_loaded_models=args.max_loaded_models,
         keep_alive=args.keep_alive,
@@ -45,9 +66,9 @@ def _serve(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     engine.start()
-    runtime = Runtime(engine, local)
-    for name in list(local)[: args.max_loaded_models]:
-        engine.preload(runtime.resolve(name))
+    runtime = Runtime(engine, local, pull_on_demand=args.pull)
+    for ref in preload[: args.max_loaded_models]:
+        engine.preload(ModelRef(ref.name, ref.path))
     app = create_app(runtime, version=version())
     log.info("%s", describe(setup_blas()))
     log.info("mlxd %s serving on http://%s:%d/v1", version(), args.host, args.port)
@@ -66,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
     serve.add_argument("--model", action="append",
-                       help="a model to serve and load at start (a local model directory); repeatable")
+                       help="a model to load at start: a registry name (qwen2.5-coder:7b), a repo id or a "
+                            "local model directory; repeatable")
+    serve.add_argument("--pull", action="store_true",
+                       help="download models that are not present, for --model and for requests (off by default)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--keep-alive", type=float, default=600.0,
@@ -77,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prompt-cache-gb", type=float, default=4.0, help="memory budget of the prefix cache")
     serve.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from models")
     serve.set_defaults(func=_serve)
+    registry_cli.add_parsers(sub)
     doctor.add_parser(sub)
     return parser
 

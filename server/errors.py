@@ -22,6 +22,13 @@ class ModelNotFound(EngineError):
     param = "model"
 
 
+class ModelUnavailable(EngineError):
+    """The model exists but cannot be fetched now (hub unreachable, offline)."""
+
+    code = "model_unavailable"
+    param = "model"
+
+
 class ModelLoadFailed(EngineError):
     code = "model_load_failed"
     param = "model"

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import registry
+
 from .engine import Engine, ModelRef
-from .errors import ModelNotFound
+from .errors import ModelNotFound, ModelUnavailable
 from .models import context_length_of, read_json
+
+log = logging.getLogger("mlxd.runtime")
 
 
 @dataclass
 class ModelInfo:
     id: str
     path: str
-    context_length: int
+    context_length: Optional[int]
     size_bytes: int
     repo: Optional[str] = None
     loaded: bool = False
@@ -27,38 +32,59 @@ def directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-class Runtime:
-    """Composes the engine with the models it may serve (local directories, for now)."""
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or "\\" in name
 
-    def __init__(self, engine: Engine, local_models: dict[str, Path]):
+
+class Runtime:
+    """Composes the engine with the models it may serve: local directories given at
+    start, and complete downloads in the registry's store."""
+
+    def __init__(self, engine: Engine, local_models: dict[str, Path], *, pull_on_demand: bool = False):
         self.engine = engine
         self.local_models = {name: Path(p).resolve() for name, p in local_models.items()}
+        self.pull_on_demand = pull_on_demand
 
     def resolve(self, name: str) -> ModelRef:
-        path = self.local_models.get(name)
-        if path is None:
-            for known_name, known_path in self.local_models.items():
-                if Path(name).expanduser().resolve() == known_path:
-                    name, path = known_name, known_path
-                    break
-        if path is None:
-            served = ", ".join(sorted(self.local_models)) or "none"
-            raise ModelNotFound(f"The model '{name}' does not exist or is not served here (served: {served}).")
-        return ModelRef(name=name, path=path)
+        """A request's model name -> what to load. Requests may name served local
+        directories, registry names and repo ids, never other paths on this machine."""
+        for known_name, known_path in self.local_models.items():
+            if name == known_name or name == str(known_path):
+                return ModelRef(name=known_name, path=known_path)
+        if _looks_like_path(name):
+            raise ModelNotFound(f"The model '{name}' is not served here: start mlxd with --model {name} to serve a local directory.")
+        try:
+            resolved = registry.resolve(name)
+            if resolved.path is None:
+                if not self.pull_on_demand:
+                    raise ModelNotFound(f"The model '{name}' is not downloaded. Run: mlxd pull {name}")
+                log.info("pulling %s on demand", resolved.name)
+                resolved = registry.pull(name, progress=False)
+        except registry.RegistryError as e:
+            if e.kind == registry.UNAVAILABLE:
+                raise ModelUnavailable(str(e)) from e
+            raise ModelNotFound(str(e)) from e
+        return ModelRef(name=resolved.name, path=resolved.path)
 
     def list_models(self) -> list[dict]:
-        loaded = {m["name"]: m for m in self.engine.loaded_models()}
-        infos = []
-        for name, path in sorted(self.local_models.items()):
-            info = ModelInfo(
+        """Served local directories and complete downloads, with what is loaded."""
+        infos = [
+            ModelInfo(
                 id=name,
                 path=str(path),
                 context_length=context_length_of(read_json(path / "config.json")),
                 size_bytes=directory_size(path),
             )
-            if name in loaded:
+            for name, path in sorted(self.local_models.items())
+        ]
+        local_paths = set(self.local_models.values())
+        for m in registry.list_models():
+            if Path(m.path).resolve() not in local_paths:
+                infos.append(ModelInfo(m.name, str(m.path), m.context_length, m.size_bytes, repo=m.repo))
+        loaded = {m["name"]: m for m in self.engine.loaded_models()}
+        for info in infos:
+            if info.id in loaded:
                 info.loaded = True
-                info.memory_bytes = loaded[name]["memory_bytes"]
-                info.idle_seconds = loaded[name]["idle_seconds"]
-            infos.append(asdict(info))
-        return infos
+                info.memory_bytes = loaded[info.id]["memory_bytes"]
+                info.idle_seconds = loaded[info.id]["idle_seconds"]
+        return [asdict(i) for i in infos]
