@@ -156,6 +156,7 @@ class OutputParser:
         self._state = REASONING if starts_in_reasoning else CONTENT
         self._buf = ""  # text not yet handled
         self._ws = ""  # trailing whitespace of the current text run, held until more text follows
+        self._dropped_ws = ""
         self._lstrip = True  # drop leading whitespace of the next text run
         self._said_content = False
         self._implicit_tried = False
@@ -281,10 +282,9 @@ class OutputParser:
         """Harmony: route a message by its header once `<|message|>` arrives."""
         channels = self._tf.channels
         end = self._buf.find(channels.body)
-        if end < 0:
-            if len(self._header) + len(self._buf) > _MAX_HEADER:
+        if end < 0 or len(self._header) + end > _MAX_HEADER:
+            if len(self._header) + len(self._buf) > _MAX_HEADER + len(channels.body):
                 log.warning("not a harmony message header; returned as content: %r", self._header + self._buf)
-                self._state = CONTENT
                 self._raw(self._header)
                 return True
             return False
@@ -329,7 +329,9 @@ class OutputParser:
         self._ws = ""
 
     def _end_run(self) -> None:
-        """Markup ends the current run of text: its trailing whitespace is dropped."""
+        """Markup ends the current run of text: its trailing whitespace is dropped
+        (kept aside in case the markup turns out to be content)."""
+        self._dropped_ws = self._ws if self._state == CONTENT else ""
         self._ws, self._lstrip = "", True
 
     def _take(self) -> list[ParsedEvent]:
@@ -339,8 +341,9 @@ class OutputParser:
     # -- called by call regions ----------------------------------------------
 
     def _raw(self, text: str) -> None:
-        """Text of a broken call region, returned as content."""
+        """Text of a broken call region, returned as content as it was written."""
         self._state = CONTENT
+        self._ws, self._lstrip = self._dropped_ws, False
         self._text(text)
 
     def _start_call(self, name: str) -> Optional[int]:
@@ -417,8 +420,6 @@ class _JsonCalls:
 
     def finish(self, reason: str) -> str:
         """The region's text to treat as content when generation ended inside it."""
-        if self.rest is not None:
-            return self.rest
         if self.phase == _ARGS:
             self._emit_args(len(self.text))
         if self.phase in (_ARGS_WAIT, _ARGS, _WHOLE):
@@ -427,9 +428,7 @@ class _JsonCalls:
         if self.opener_pending or self.phase in (_HEAD, _OBJECT):
             self._fail(f"generation ended ({reason}) before a call was complete")
             return self.rest
-        if self.phase == _TAIL or self._closer_at(self.i) == "partial":
-            return ""  # the rest of a finished call, or a cut end marker
-        return self.text[self.i :]
+        return ""  # between calls (at most a cut end marker) or in the rest of a finished call's object
 
     # -- phases: each returns True to go on, False to wait for more text --
 
