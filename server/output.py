@@ -1,0 +1,720 @@
+"""Streaming output parser: text deltas in, content / reasoning / tool-call events out.
+
+One `OutputParser` per request. The engine feeds it each detokenized text delta
+and calls `finish` at the end; it returns `server.events` objects. Pure Python:
+no HTTP, no MLX.
+
+Content and reasoning
+    Text streams as soon as it cannot be the start of a marker or stop string;
+    only the shortest such suffix is held back, so no partial marker ever
+    reaches a client. Text between `think_start` and `think_end` (or from the
+    start, when the prompt already opened the block: `starts_in_reasoning`)
+    is reasoning. A stray `think_end` in content is dropped. Whitespace is
+    trimmed where markup was: at the start of the response, right after a
+    think marker or a tool call, and right before one (trailing whitespace is
+    held until more text follows; at the end it is kept).
+
+Stop strings
+    Checked in content and reasoning, not inside tool calls (a stop string
+    such as "\\n\\n" or "```" inside a call's arguments must not cut the call).
+    At the first complete match the text before it is emitted, the match and
+    everything after it are dropped, and `stopped` becomes True.
+
+Tool calls (only when tools are offered and tool_choice is not "none";
+otherwise call markup is ordinary content)
+    JSON-argument formats (json_tools, llama3_json, mistral, harmony): a call
+    is announced (`ToolCallStart`) as soon as its name is parsed, then the raw
+    text of its arguments object streams as `ToolCallArguments` fragments. The
+    closing `}` of the arguments object is held back until the object is
+    complete and `json.loads` accepts it, so the concatenated fragments never
+    parse as JSON before the call is complete. Other formats are parsed whole
+    with the format's parser when the call's end marker arrives, and come out
+    as a start plus one fragment holding `json.dumps(arguments)`.
+
+    Ids are 9 random letters and digits. Calls are indexed 0, 1, ... A call to
+    a function that was not offered is still a call. With
+    `parallel_tool_calls=False` or a named tool_choice only the first call is
+    kept; later ones are dropped (logged).
+
+Broken calls never raise; each is logged on logging.getLogger("mlxd.output").
+    - Before a call is announced (its name could not be parsed: not a call in
+      this format, malformed, or cut by the end of generation), the raw text,
+      markers included, comes back as content, so nothing vanishes.
+    - After a call was announced, clients already hold it, so it stays a call:
+      if its arguments turn out malformed or generation ends inside them, the
+      held-back `}` is never sent and the call keeps arguments that do not
+      parse (agents such as opencode report that back to the model as an
+      invalid call). This is also what OpenAI sends for a call cut by
+      max_tokens.
+    The finish reason is "tool_calls" when at least one call completed with
+    valid arguments, otherwise the given "stop" or "length".
+
+Reasoning tokens: the engine counts a token as reasoning when `in_reasoning`
+was True before or after feeding that token's text (so both think markers
+count with the thinking between them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import string
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from server import tool_formats
+from server.events import ContentDelta, ParsedEvent, ReasoningDelta, ToolCallArguments, ToolCallStart
+from server.tool_formats import ToolFormat, ToolParser, call_from_json
+
+log = logging.getLogger("mlxd.output")
+
+ToolChoice = Union[str, dict]
+
+CONTENT, REASONING, HEADER, TOOL = "content", "reasoning", "header", "tool"
+_MAX_HEADER = 256  # a harmony message header longer than this is not one
+_ID_CHARS = string.ascii_letters + string.digits
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """What the model's text looks like; `name` is None when it has no known tool-call format."""
+
+    think_start: Optional[str]
+    think_end: Optional[str]
+    tool_call_start: Optional[str]
+    tool_call_end: Optional[str]
+    tool_parser: Optional[ToolParser]
+    name: Optional[str]
+
+
+def output_format(name: Optional[str], think_start: Optional[str] = None, think_end: Optional[str] = None) -> OutputFormat:
+    """The OutputFormat of tool format `name` (a catalog family's `tool_format`)."""
+    tf = tool_formats.lookup(name)
+    if tf is None:
+        return OutputFormat(think_start, think_end, None, None, None, None)
+    if tf.channels is not None:  # harmony reasons in its analysis channel, not in think tags
+        think_start = think_end = None
+    return OutputFormat(think_start, think_end, tf.start, tf.end, tf.parse, tf.name)
+
+
+def output_format_for(tokenizer: Any, tool_format: Optional[str] = None) -> OutputFormat:
+    """The OutputFormat of an mlx-lm TokenizerWrapper; `tool_format` overrides the detected one."""
+    name = (
+        tool_format
+        or tokenizer.init_kwargs.get("tool_parser_type")
+        or tool_formats.detect(tokenizer.chat_template, tokenizer.get_vocab())
+    )
+    think_start = getattr(tokenizer, "think_start", None)
+    think_end = getattr(tokenizer, "think_end", None)
+    fmt = output_format(name, think_start, think_end)
+    if fmt.name is None and name and getattr(tokenizer, "tool_parser", None) is not None:
+        fmt = OutputFormat(think_start, think_end, tokenizer.tool_call_start, tokenizer.tool_call_end or None, tokenizer.tool_parser, name)
+    return fmt
+
+
+def forced_prefix(fmt: OutputFormat, tool_choice: Optional[ToolChoice], tools: Optional[list]) -> str:
+    """Text to append to the prompt so the model must call a tool ("required")
+    or the named one; "" for auto / none. Formats whose calls cannot be forced
+    by a prefix get their start marker only."""
+    tf = _tool_format(fmt)
+    if not tools or tf is None or tool_choice in (None, "auto", "none"):
+        return ""
+    if tool_choice == "required":
+        return tf.required_prefix
+    return tf.named_prefix.replace("{name}", tool_choice["function"]["name"])
+
+
+def _tool_format(fmt: OutputFormat) -> Optional[ToolFormat]:
+    tf = tool_formats.lookup(fmt.name)
+    if tf is None and fmt.tool_parser is not None:
+        tf = ToolFormat(fmt.name or "custom", fmt.tool_call_start or None, fmt.tool_call_end or None, fmt.tool_parser)
+    return tf
+
+
+class OutputParser:
+    """Turns one response's text deltas into content, reasoning and tool-call events."""
+
+    def __init__(
+        self,
+        fmt: OutputFormat,
+        *,
+        tools: Optional[list] = None,
+        tool_choice: Optional[ToolChoice] = "auto",
+        parallel_tool_calls: bool = True,
+        stop: Any = (),
+        starts_in_reasoning: bool = False,
+        prefix: str = "",
+    ):
+        self.format = fmt
+        self.tools = tools
+        self.stopped = False
+        self._tf = _tool_format(fmt)
+        self._tools_on = bool(tools) and tool_choice != "none" and self._tf is not None
+        self._single = not parallel_tool_calls or isinstance(tool_choice, dict)
+        self._patterns = {CONTENT: self._state_patterns(CONTENT, stop), REASONING: self._state_patterns(REASONING, stop)}
+        self._state = REASONING if starts_in_reasoning else CONTENT
+        self._buf = ""  # text not yet handled
+        self._ws = ""  # trailing whitespace of the current text run, held until more text follows
+        self._dropped_ws = ""
+        self._lstrip = True  # drop leading whitespace of the next text run
+        self._said_content = False
+        self._implicit_tried = False
+        self._header = ""
+        self._region: Optional[_JsonCalls | _WholeCalls] = None
+        self._calls = 0  # calls announced (indexes handed out)
+        self._completed = 0  # calls completed with valid arguments
+        self._out: list[ParsedEvent] = []
+        self._run(prefix)  # the forced prefix is part of the prompt; its events come with the first feed
+
+    @property
+    def in_reasoning(self) -> bool:
+        """Whether the parser is inside reasoning after the last feed."""
+        return self._state == REASONING
+
+    def feed(self, text: str) -> list[ParsedEvent]:
+        """Events for one text delta from the detokenizer."""
+        if not self.stopped:
+            self._run(text)
+        return self._take()
+
+    def finish(self, reason: str) -> tuple[list[ParsedEvent], str]:
+        """Flush held text at the end of generation ("stop" or "length"); the events and the final finish reason."""
+        while not self.stopped and self._state in (TOOL, HEADER):
+            if self._state == TOOL:
+                rest = self._region.finish(reason)
+                self._region = None
+            else:
+                log.warning("harmony header cut off by the end of generation; returned as content: %r", self._header + self._buf)
+                self._raw(self._header)
+                rest = ""
+            self._state = CONTENT
+            self._run(rest)
+        if not self.stopped:
+            self._text(self._buf)
+            self._flush_ws()
+        self._buf = ""
+        return self._take(), "tool_calls" if self._completed else reason
+
+    # -- text states --------------------------------------------------------
+
+    def _state_patterns(self, state: str, stop: Any) -> dict[str, str]:
+        """Marker or stop string -> action, for the content or reasoning state."""
+        fmt, tf, patterns = self.format, self._tf, {}
+        if state == CONTENT and fmt.think_start:
+            patterns[fmt.think_start] = "think"
+        if fmt.think_end:
+            patterns[fmt.think_end] = "drop" if state == CONTENT else "end_think"
+        if tf is not None and tf.channels is not None:
+            for marker in tf.channels.opens:
+                patterns[marker] = "header"
+            for marker in tf.channels.ends:
+                patterns[marker] = "drop" if state == CONTENT else "end_think"
+        if self._tools_on and tf.start:
+            patterns[tf.start] = "tool"
+        for s in stop:
+            if s:
+                patterns[s] = "stop"
+        return patterns
+
+    def _run(self, text: str) -> None:
+        self._buf += text
+        while self._buf and not self.stopped:
+            if self._state == TOOL:
+                rest = self._region.feed(self._buf)
+                self._buf = ""
+                if rest is None:
+                    return
+                self._region, self._buf = None, rest
+                if self._state == TOOL:  # the region closed (a broken one has put the parser in content already)
+                    self._state = CONTENT
+                    self._end_run()
+                continue
+            if self._state == HEADER:
+                if not self._read_header():
+                    return
+                continue
+            if self._implicit_call():
+                continue
+            pos, pattern = _scan(self._buf, self._patterns[self._state])
+            self._text(self._buf[:pos])
+            if pattern is None:
+                self._buf = self._buf[pos:]
+                return
+            self._buf = self._buf[pos + len(pattern) :]
+            self._act(self._patterns[self._state][pattern], pattern)
+
+    def _act(self, action: str, marker: str) -> None:
+        if action == "stop":
+            self._flush_ws()
+            self.stopped, self._buf = True, ""
+            return
+        if action == "drop":
+            return
+        self._end_run()
+        if action == "think":
+            self._state = REASONING
+        elif action == "end_think":
+            self._state = CONTENT
+        elif action == "header":
+            self._state, self._header = HEADER, marker
+        else:
+            self._open_region(marker)
+
+    def _implicit_call(self) -> bool:
+        """Llama 3.x: a response whose content begins with "{" is a call."""
+        if self._implicit_tried or self._state != CONTENT or not self._tools_on or not self._tf.implicit_start:
+            return False
+        if self._said_content:
+            self._implicit_tried = True
+            return False
+        self._buf = self._buf.lstrip()
+        if not self._buf:
+            return False
+        self._implicit_tried = True
+        if not self._buf.startswith("{"):
+            return False
+        self._end_run()
+        self._open_region("")
+        return True
+
+    def _read_header(self) -> bool:
+        """Harmony: route a message by its header once `<|message|>` arrives."""
+        channels = self._tf.channels
+        end = self._buf.find(channels.body)
+        if end < 0 or len(self._header) + end > _MAX_HEADER:
+            if len(self._header) + len(self._buf) > _MAX_HEADER + len(channels.body):
+                log.warning("not a harmony message header; returned as content: %r", self._header + self._buf)
+                self._raw(self._header)
+                return True
+            return False
+        header = self._header + self._buf[:end]
+        self._buf = self._buf[end + len(channels.body) :]
+        kind, name = channels.route(header)
+        if kind == "tool" and self._tools_on:
+            self._state = TOOL
+            self._region = _JsonCalls(self, self._tf, header + channels.body, name=name)
+        else:
+            self._state = REASONING if kind == "reasoning" else CONTENT
+        return True
+
+    def _open_region(self, opener: str) -> None:
+        self._state = TOOL
+        region = _JsonCalls if self._tf.streams_arguments else _WholeCalls
+        self._region = region(self, self._tf, opener)
+
+    def _text(self, text: str) -> None:
+        """Emit text of the current state, trimming whitespace next to markup."""
+        if self._lstrip:
+            text = text.lstrip()
+            self._lstrip = not text
+        if not text:
+            return
+        text = self._ws + text
+        body = text.rstrip()
+        self._ws = text[len(body) :]
+        if body:
+            self._emit_text(body)
+
+    def _emit_text(self, text: str) -> None:
+        if self._state == REASONING:
+            self._out.append(ReasoningDelta(text))
+        else:
+            self._out.append(ContentDelta(text))
+            self._said_content = True
+
+    def _flush_ws(self) -> None:
+        if self._ws:
+            self._emit_text(self._ws)
+        self._ws = ""
+
+    def _end_run(self) -> None:
+        """Markup ends the current run of text: its trailing whitespace is dropped
+        (kept aside in case the markup turns out to be content)."""
+        self._dropped_ws = self._ws if self._state == CONTENT else ""
+        self._ws, self._lstrip = "", True
+
+    def _take(self) -> list[ParsedEvent]:
+        events, self._out = _coalesce(self._out), []
+        return events
+
+    # -- called by call regions ----------------------------------------------
+
+    def _raw(self, text: str) -> None:
+        """Text of a broken call region, returned as content as it was written."""
+        self._state = CONTENT
+        self._ws, self._lstrip = self._dropped_ws, False
+        self._text(text)
+
+    def _start_call(self, name: str) -> Optional[int]:
+        """Announce a call; its index, or None when the call is dropped."""
+        index, self._calls = self._calls, self._calls + 1
+        if self._single and index > 0:
+            log.info("dropped tool call %d (%s): only one call was asked for", index, name)
+            return None
+        self._out.append(ToolCallStart(index, _new_id(), name))
+        return index
+
+    def _arguments(self, index: Optional[int], fragment: str) -> None:
+        if index is not None and fragment:
+            self._out.append(ToolCallArguments(index, fragment))
+
+    def _call_done(self, index: Optional[int]) -> None:
+        if index is not None:
+            self._completed += 1
+
+
+class _Depth:
+    """Bracket depth of JSON text, outside strings."""
+
+    def __init__(self, depth: int = 0):
+        self.depth, self.in_string, self._escape = depth, False, False
+
+    def feed(self, ch: str) -> None:
+        if self.in_string:
+            if self._escape:
+                self._escape = False
+            elif ch == "\\":
+                self._escape = True
+            elif ch == '"':
+                self.in_string = False
+        elif ch == '"':
+            self.in_string = True
+        elif ch in "{[":
+            self.depth += 1
+        elif ch in "}]":
+            self.depth -= 1
+
+
+# Phases of a JSON call region.
+_BETWEEN, _HEAD, _ARGS_WAIT, _ARGS, _TAIL, _WHOLE, _OBJECT = "between", "head", "args_wait", "args", "tail", "whole", "object"
+
+
+class _JsonCalls:
+    """A call region of a JSON-argument format; streams each call's arguments.
+
+    `text` holds the region's text from `opener` (the marker that opened it)
+    or from the end of the last finished call; `i` is how far it was read.
+    `feed` returns None while the region goes on, else the text after it."""
+
+    def __init__(self, out: OutputParser, tf: ToolFormat, opener: str, name: Optional[str] = None):
+        self.out, self.tf, self.opener = out, tf, opener
+        self.text, self.i = opener, len(opener)
+        self.opener_pending = True  # nothing of this region was a call yet: on failure the opener is content
+        self.rest: Optional[str] = None
+        if tf.end:
+            self.closers = ((tf.end, True),)
+        else:
+            markers = (tf.start,) + (tf.channels.opens + tf.channels.ends if tf.channels else ())
+            self.closers = tuple((m, False) for m in markers if m)
+        self.phase = _BETWEEN
+        if name is not None:  # harmony: the header named the call
+            self._commit(name, wrapped=False)
+            self.phase = _ARGS_WAIT
+
+    def feed(self, text: str) -> Optional[str]:
+        self.text += text
+        while self.rest is None and getattr(self, "_" + self.phase)():
+            pass
+        return self.rest
+
+    def finish(self, reason: str) -> str:
+        """The region's text to treat as content when generation ended inside it."""
+        if self.phase == _ARGS:
+            self._emit_args(len(self.text))
+        if self.phase in (_ARGS_WAIT, _ARGS, _WHOLE):
+            self._broken(f"generation ended ({reason}) inside its arguments")
+            return ""
+        if self.opener_pending or self.phase in (_HEAD, _OBJECT):
+            self._fail(f"generation ended ({reason}) before a call was complete")
+            return self.rest
+        return ""  # between calls (at most a cut end marker) or in the rest of a finished call's object
+
+    # -- phases: each returns True to go on, False to wait for more text --
+
+    def _between(self) -> bool:
+        t = self.text
+        while self.i < len(t):
+            closer = self._closer_at(self.i)
+            if closer == "partial":
+                return False
+            if closer is not None:
+                return self._close(closer)
+            if t[self.i].isspace() or t[self.i] in ",;[]":
+                self.i += 1
+                continue
+            self.head, self.phase = self.i, _HEAD
+            return True
+        return False
+
+    def _head(self) -> bool:
+        text, partial = self.text[self.head :], False
+        for pattern in self.tf.headers:
+            match = pattern.match(text, partial=True)
+            if match is None:
+                continue
+            if match.partial:
+                partial = True
+                continue
+            wrapped = text.startswith("{")
+            name = match.group("name")
+            if wrapped:
+                try:
+                    name = json.loads(f'"{name}"')
+                except ValueError:
+                    return self._fail("the call's name is not a valid JSON string")
+            self._commit(name, wrapped)
+            self.i, self.phase = self.head + match.end(), _ARGS_WAIT
+            return True
+        if partial:
+            return False
+        if text.startswith("{"):  # a JSON object of another shape: parse it whole
+            self.i, self.phase, self.depth = self.head, _OBJECT, _Depth()
+            return True
+        return self._fail("text that is not a tool call")
+
+    def _args_wait(self) -> bool:
+        t = self.text
+        while self.i < len(t) and t[self.i].isspace():
+            self.i += 1
+        if self.i == len(t):
+            return False
+        if t[self.i] == "{":
+            self.args_start = self.emitted = self.i
+            self.phase, self.depth = _ARGS, _Depth()
+            return True
+        if self.wrapped:  # another JSON value (a string holding the object?): parse when the call's object closes
+            self.phase, self.depth = _WHOLE, _Depth(1)
+            return True
+        self._broken("its arguments are not a JSON object")
+        self._to_between()
+        return True
+
+    def _args(self) -> bool:
+        t, depth = self.text, self.depth
+        while self.i < len(t):
+            if not depth.in_string:
+                closer = self._closer_at(self.i)
+                if closer == "partial":
+                    break
+                if closer is not None:
+                    self._emit_args(self.i)
+                    self._broken("the region ended inside its arguments")
+                    return self._close(closer)
+            depth.feed(t[self.i])
+            if depth.depth == 0:
+                self._emit_args(self.i)  # all but the closing brace
+                arguments = t[self.args_start : self.i + 1]
+                self.i += 1
+                if _is_json_object(arguments):
+                    self.out._arguments(self.index, t[self.i - 1])
+                    self.out._call_done(self.index)
+                else:
+                    self._broken("its arguments are not valid JSON")
+                if self.wrapped:
+                    self.phase, self.depth = _TAIL, _Depth(1)
+                else:
+                    self._to_between()
+                return True
+            self.i += 1
+        self._emit_args(self.i)
+        return False
+
+    def _tail(self) -> bool:
+        """The rest of the call's object after its arguments."""
+        return self._skip_object(lambda: self._to_between())
+
+    def _whole(self) -> bool:
+        """A call whose arguments are not an object: parsed when its object closes."""
+
+        def done() -> None:
+            try:
+                call = call_from_json(json.loads(self.text[self.head : self.i]))
+            except ValueError as e:
+                self._broken(f"its arguments are not valid: {e}")
+            else:
+                self.out._arguments(self.index, json.dumps(call["arguments"], ensure_ascii=False))
+                self.out._call_done(self.index)
+            self._to_between()
+
+        return self._skip_object(done, broken="the region ended inside the call")
+
+    def _object(self) -> bool:
+        """A JSON object whose header did not match: it is a call only if it parses as one."""
+        t, depth = self.text, self.depth
+        while self.i < len(t):
+            if not depth.in_string:
+                closer = self._closer_at(self.i)
+                if closer == "partial":
+                    return False
+                if closer is not None:
+                    return self._fail("an unclosed JSON object")
+            depth.feed(t[self.i])
+            self.i += 1
+            if depth.depth == 0:
+                try:
+                    call = call_from_json(json.loads(t[self.head : self.i]))
+                except ValueError as e:
+                    return self._fail(f"a JSON object that is not a tool call ({e})")
+                self._commit(call["name"], wrapped=True)
+                self.out._arguments(self.index, json.dumps(call["arguments"], ensure_ascii=False))
+                self.out._call_done(self.index)
+                self._to_between()
+                return True
+        return False
+
+    # -- helpers --
+
+    def _skip_object(self, done, broken: Optional[str] = None) -> bool:
+        t, depth = self.text, self.depth
+        while self.i < len(t):
+            if not depth.in_string:
+                closer = self._closer_at(self.i)
+                if closer == "partial":
+                    return False
+                if closer is not None:
+                    if broken:
+                        self._broken(broken)
+                    return self._close(closer)
+            depth.feed(t[self.i])
+            self.i += 1
+            if depth.depth == 0:
+                done()
+                return True
+        return False
+
+    def _closer_at(self, i: int):
+        """The closing marker at i, "partial" if the text ends inside one, else None."""
+        if i >= len(self.text):
+            return None
+        for marker, consume in self.closers:
+            if self.text[i] != marker[0]:
+                continue
+            piece = self.text[i : i + len(marker)]
+            if piece == marker:
+                return marker, consume
+            if len(piece) < len(marker) and marker.startswith(piece):
+                return "partial"
+        return None
+
+    def _close(self, closer) -> bool:
+        marker, consume = closer
+        self.rest = self.text[self.i + len(marker) if consume else self.i :]
+        return False
+
+    def _commit(self, name: str, wrapped: bool) -> None:
+        self.index, self.name, self.wrapped = self.out._start_call(name), name, wrapped
+        self.opener_pending = False
+
+    def _emit_args(self, end: int) -> None:
+        if end > self.emitted:
+            self.out._arguments(self.index, self.text[self.emitted : end])
+            self.emitted = end
+
+    def _to_between(self) -> None:
+        self.text, self.i, self.phase = self.text[self.i :], 0, _BETWEEN
+
+    def _broken(self, why: str) -> None:
+        log.warning("tool call %r is broken: %s; its arguments will not parse: %r", self.name, why, self.text[:2000])
+
+    def _fail(self, why: str) -> bool:
+        """The region holds no (further) call: its text goes back to the content state."""
+        if self.opener_pending:
+            log.warning("not a tool call (%s); returned as content: %r", why, self.text[:2000])
+            self.out._raw(self.opener)
+            self.rest = self.text[len(self.opener) :]
+        elif not self.tf.end:  # marker-less region: text after its calls is content
+            self.rest = self.text[self.head :]
+        else:
+            log.warning("text in a tool call region after its calls (%s); returned as content: %r", why, self.text[:2000])
+            self.rest = self.text[self.head :]
+        return False
+
+
+class _WholeCalls:
+    """A call region of a format parsed whole, when its end marker arrives."""
+
+    def __init__(self, out: OutputParser, tf: ToolFormat, opener: str):
+        self.out, self.tf, self.opener = out, tf, opener
+        self.body = ""
+
+    def feed(self, text: str) -> Optional[str]:
+        searched = max(0, len(self.body) - len(self.tf.end or "") + 1)
+        self.body += text
+        if not self.tf.end:
+            return None
+        end = self.body.find(self.tf.end, searched)
+        if end < 0:
+            return None
+        body, rest = self.body[:end], self.body[end + len(self.tf.end) :]
+        if self._emit(body):
+            return rest
+        self.out._raw(self.opener)
+        return body + self.tf.end + rest
+
+    def finish(self, reason: str) -> str:
+        if reason == "stop" and self._emit(self.body):  # the model ended without the end marker
+            return ""
+        if reason != "stop":
+            log.warning("tool call cut by the end of generation (%s); returned as content: %r", reason, self.opener + self.body)
+        self.out._raw(self.opener)
+        return self.body
+
+    def _emit(self, body: str) -> bool:
+        try:
+            parsed = self.tf.parse(body, self.out.tools)
+            calls = [call_from_json(c) for c in (parsed if isinstance(parsed, list) else [parsed])]
+            if not calls:
+                raise ValueError("no tool call found")
+        except Exception as e:  # third-party parsers raise many kinds of errors
+            log.warning("malformed tool call (%s: %s); returned as content: %r", type(e).__name__, e, self.opener + body)
+            return False
+        for call in calls:
+            index = self.out._start_call(call["name"])
+            self.out._arguments(index, json.dumps(call["arguments"], ensure_ascii=False))
+            self.out._call_done(index)
+        return True
+
+
+def _scan(text: str, patterns: dict[str, str]) -> tuple[int, Optional[str]]:
+    """The first pattern in text: (position, pattern); (position, None) when
+    text from there may still become a pattern; (len(text), None) when none."""
+    firsts = {pattern[0] for pattern in patterns}
+    for pos in range(len(text)):
+        if text[pos] not in firsts:
+            continue
+        tail, best = text[pos:], None
+        for pattern in patterns:
+            if tail.startswith(pattern):
+                if best is None or len(pattern) > len(best):
+                    best = pattern
+            elif pattern.startswith(tail):
+                return pos, None  # a longer pattern may still match here
+        if best is not None:
+            return pos, best
+    return len(text), None
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def _new_id() -> str:
+    return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
+
+
+def _coalesce(events: list[ParsedEvent]) -> list[ParsedEvent]:
+    """Merge neighbouring deltas of the same kind."""
+    merged: list[ParsedEvent] = []
+    for event in events:
+        last = merged[-1] if merged else None
+        if isinstance(event, (ContentDelta, ReasoningDelta)) and type(last) is type(event):
+            merged[-1] = type(event)(last.text + event.text)
+        elif isinstance(event, ToolCallArguments) and isinstance(last, ToolCallArguments) and last.index == event.index:
+            merged[-1] = ToolCallArguments(event.index, last.fragment + event.fragment)
+        else:
+            merged.append(event)
+    return merged
