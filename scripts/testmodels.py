@@ -27,186 +27,113 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
 from tokenizers import normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer
 
-# Qwen2.5-Instruct's chat template, verbatim.
-QWEN25_TEMPLATE = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- messages[0]['content'] }}
-    {%- else %}
-        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
-    {%- endif %}
-    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
-{%- else %}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
-    {%- else %}
-        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
-    {%- endif %}
-{%- endif %}
-{%- for message in messages %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
-        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role }}
-        {%- if message.content %}
-            {{- '\n' + message.content }}
-        {%- endif %}
-        {%- for tool_call in message.tool_calls %}
-            {%- if tool_call.function is defined %}
-                {%- set tool_call = tool_call.function %}
-            {%- endif %}
-            {{- '\n<tool_call>\n{"name": "' }}
-            {{- tool_call.name }}
-            {{- '", "arguments": ' }}
-            {{- tool_call.arguments | tojson }}
-            {{- '}\n</tool_call>' }}
-        {%- endfor %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' }}
-        {{- message.content }}
-        {{- '\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-{%- endif %}
-"""
-
-# Qwen3's chat template, verbatim: Qwen2.5's tool format plus <think> blocks,
-# `reasoning_content` on assistant messages and the `enable_thinking` switch.
-QWEN3_TEMPLATE = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0].role == 'system' %}
-        {{- messages[0].content + '\n\n' }}
-    {%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
-{%- else %}
-    {%- if messages[0].role == 'system' %}
-        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
-    {%- endif %}
-{%- endif %}
-{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
-{%- for message in messages[::-1] %}
-    {%- set index = (messages|length - 1) - loop.index0 %}
-    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
-        {%- set ns.multi_step_tool = false %}
-        {%- set ns.last_query_index = index %}
-    {%- endif %}
-{%- endfor %}
-{%- for message in messages %}
-    {%- if message.content is string %}
-        {%- set content = message.content %}
-    {%- else %}
-        {%- set content = '' %}
-    {%- endif %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
-        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
-    {%- elif message.role == "assistant" %}
-        {%- set reasoning_content = '' %}
-        {%- if message.reasoning_content is string %}
-            {%- set reasoning_content = message.reasoning_content %}
-        {%- else %}
-            {%- if '</think>' in content %}
-                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
-                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
-            {%- endif %}
-        {%- endif %}
-        {%- if loop.index0 > ns.last_query_index %}
-            {%- if loop.last or (not loop.last and reasoning_content) %}
-                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
-            {%- else %}
-                {{- '<|im_start|>' + message.role + '\n' + content }}
-            {%- endif %}
-        {%- else %}
-            {{- '<|im_start|>' + message.role + '\n' + content }}
-        {%- endif %}
-        {%- if message.tool_calls %}
-            {%- for tool_call in message.tool_calls %}
-                {%- if (loop.first and content) or (not loop.first) %}
-                    {{- '\n' }}
-                {%- endif %}
-                {%- if tool_call.function %}
-                    {%- set tool_call = tool_call.function %}
-                {%- endif %}
-                {{- '<tool_call>\n{"name": "' }}
-                {{- tool_call.name }}
-                {{- '", "arguments": ' }}
-                {%- if tool_call.arguments is string %}
-                    {{- tool_call.arguments }}
-                {%- else %}
-                    {{- tool_call.arguments | tojson }}
-                {%- endif %}
-                {{- '}\n</tool_call>' }}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\n<tool_response>\n' }}
-        {{- content }}
-        {{- '\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-    {%- if enable_thinking is defined and enable_thinking is false %}
-        {{- '<think>\n\n</think>\n\n' }}
-    {%- endif %}
-{%- endif %}
-"""
+TEMPLATES = Path(__file__).parent / "chat_templates"
 
 
 @dataclass(frozen=True)
 class Family:
-    """A chat format: its template and the tokens it needs as single tokens.
+    """A chat format: its real template and the tokens it needs as single tokens.
 
     ``special`` tokens are control tokens (skipped by ``decode(...,
     skip_special_tokens=True)``); ``added`` ones are plain text markers that a
-    model emits as one token, like Qwen's ``<tool_call>``.
+    model emits as one token, like Qwen's ``<tool_call>``. Generation ends at
+    ``eos`` or any of ``ends`` (generation_config's ``eos_token_id`` list).
+    ``tool_result`` is the text that opens a tool result in a rendered prompt;
+    it is one token, on which a scripted model switches to its second script.
     """
 
-    chat_template: str
+    template: str  # a file in chat_templates/, without ".jinja"
     special: tuple[str, ...]
     added: tuple[str, ...]
     eos: str
     pad: str
+    bos: str | None = None
+    ends: tuple[str, ...] = ()
+    tool_result: str = "<tool_response>"
+
+    @property
+    def chat_template(self) -> str:
+        return (TEMPLATES / f"{self.template}.jinja").read_text()
+
+    @property
+    def end_tokens(self) -> tuple[str, ...]:
+        return (self.eos, *self.ends)
 
 
 _QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _QWEN_TOOLS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+_THINK = ("<think>", "</think>")
+_MISTRAL_SPECIAL = (
+    "<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]",
+)  # fmt: skip
 
+# The templates are the families' own (chat_templates/README.md says where each comes from).
 FAMILIES: dict[str, Family] = {
-    "chatml": Family(QWEN25_TEMPLATE, _QWEN_SPECIAL, _QWEN_TOOLS, "<|im_end|>", "<|endoftext|>"),
-    "qwen3": Family(
-        QWEN3_TEMPLATE,
-        _QWEN_SPECIAL,
-        _QWEN_TOOLS + ("<think>", "</think>"),
-        "<|im_end|>",
-        "<|endoftext|>",
+    # Qwen2.5-Instruct: Hermes-style JSON calls in <tool_call> (json_tools).
+    "chatml": Family("qwen2.5", _QWEN_SPECIAL, _QWEN_TOOLS, "<|im_end|>", "<|endoftext|>",
+                     ends=("<|endoftext|>",)),
+    # Qwen3: the same calls, <think> blocks and the enable_thinking switch.
+    "qwen3": Family("qwen3", _QWEN_SPECIAL, _QWEN_TOOLS + _THINK, "<|im_end|>", "<|endoftext|>",
+                    ends=("<|endoftext|>",)),
+    # Qwen3-Coder: <tool_call><function=NAME><parameter=KEY>VALUE... XML calls (qwen3_coder).
+    "qwen3_coder": Family("qwen3-coder", _QWEN_SPECIAL, _QWEN_TOOLS, "<|im_end|>",
+                          "<|endoftext|>", ends=("<|endoftext|>",)),
+    # Llama 3.2 Instruct (3.1 and 3.3 call the same way): a bare {"name", "parameters"}
+    # JSON call, or one after <|python_tag|> ended by <|eom_id|> (llama3_json). Tool
+    # results come in an ipython turn; its header is one token here.
+    "llama3": Family(
+        "llama3.2",
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+         "<|eot_id|>", "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"),
+        ("<|start_header_id|>ipython<|end_header_id|>",),
+        "<|eot_id|>",
+        "<|finetune_right_pad_id|>",
+        bos="<|begin_of_text|>",
+        ends=("<|eom_id|>", "<|end_of_text|>"),
+        tool_result="<|start_header_id|>ipython<|end_header_id|>",
     ),
-}
+    # Mistral Small 3.2 and Devstral (v11+ tokenizers): [TOOL_CALLS]NAME[ARGS]{...} (mistral).
+    "mistral": Family(
+        "mistral-small-3.2",
+        _MISTRAL_SPECIAL + ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[ARGS]", "[CALL_ID]",
+                            "[TOOL_CONTENT]"),
+        (),
+        "</s>",
+        "<pad>",
+        bos="<s>",
+        tool_result="[TOOL_RESULTS]",
+    ),
+    # Mistral 7B v0.3 and NeMo: [TOOL_CALLS][{"name", "arguments"}, ...] (mistral).
+    "mistral_nemo": Family("mistral-nemo", _MISTRAL_SPECIAL, (), "</s>", "<pad>", bos="<s>",
+                           tool_result="[TOOL_RESULTS]"),
+    # gpt-oss harmony: <|channel|>CHANNEL[ to=functions.NAME]<|message|>BODY; a call
+    # ends with <|call|>, a final answer with <|return|> (harmony). Tool results
+    # come from "functions.NAME to=assistant"; " to=assistant" is one token here.
+    "harmony": Family(
+        "gpt-oss",
+        ("<|startoftext|>", "<|endoftext|>", "<|start|>", "<|end|>", "<|message|>",
+         "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"),
+        (" to=assistant",),
+        "<|return|>",
+        "<|endoftext|>",
+        bos="<|startoftext|>",
+        ends=("<|call|>", "<|endoftext|>"),
+        tool_result=" to=assistant",
+    ),
+    # GLM-4.5 to 4.7: <tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value></tool_call>
+    # (glm47), thinking in <think>; a turn ends with the next turn's role token.
+    "glm47": Family(
+        "glm-4.7-flash",
+        ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+         "<|observation|>"),
+        _QWEN_TOOLS + _THINK + ("<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"),
+        "<|endoftext|>",
+        "<|endoftext|>",
+        ends=("<|user|>", "<|observation|>"),
+        tool_result="<|observation|>",
+    ),
+}  # fmt: skip
 
 # Qwen2's pre-tokenizer split: words with one leading non-letter, single
 # digits, punctuation runs with their newlines, newline runs, spaces.
@@ -299,12 +226,19 @@ def _base_tokenizer_json(vocab_size: int) -> str:
 
 
 def _make_tokenizer(family: Family, extra_tokens: tuple[str, ...], vocab_size: int) -> Tokenizer:
+    """The base BPE plus the family's markers, then ``extra_tokens`` (script chunks).
+
+    Chunks are "normalized" added tokens, which `tokenizers` matches only in
+    the text left between markers: a chunk such as ">\n<" must not swallow
+    the "<" of a following "<|im_end|>".
+    """
     tokenizer = Tokenizer.from_str(_base_tokenizer_json(vocab_size))
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in family.special]
     )
-    added = [t for t in (*family.added, *extra_tokens) if tokenizer.token_to_id(t) is None]
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in family.added])
+    chunks = [t for t in extra_tokens if tokenizer.token_to_id(t) is None]
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=True) for t in chunks])
     return tokenizer
 
 
@@ -320,14 +254,14 @@ def _write_tokenizer(
             str(i): {
                 "content": t.content,
                 "lstrip": False,
-                "normalized": False,
+                "normalized": t.normalized,
                 "rstrip": False,
                 "single_word": False,
                 "special": t.special,
             }
             for i, t in sorted(added.items())
         },
-        "bos_token": None,
+        "bos_token": family.bos,
         "chat_template": family.chat_template,
         "clean_up_tokenization_spaces": False,
         "eos_token": family.eos,
@@ -339,7 +273,8 @@ def _write_tokenizer(
         "unk_token": None,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    special_map = {"eos_token": family.eos, "pad_token": family.pad}
+    special_map = {"bos_token": family.bos, "eos_token": family.eos, "pad_token": family.pad}
+    special_map = {k: v for k, v in special_map.items() if v is not None}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
 
 
@@ -363,6 +298,10 @@ def build_tokenizer_files(
     tokenizer = _make_tokenizer(family, extra_tokens, vocab_size)
     _write_tokenizer(out_dir, tokenizer, family, model_max_length)
     return tokenizer
+
+
+def _ids(tokenizer: Tokenizer, tokens) -> list[int]:
+    return [tokenizer.token_to_id(t) for t in tokens]
 
 
 def _qwen2_config(
@@ -398,21 +337,20 @@ def _qwen2_config(
         "vocab_size": tokenizer.get_vocab_size(),
         "tie_word_embeddings": tie_word_embeddings,
         "torch_dtype": dtype,
-        "bos_token_id": tokenizer.token_to_id(family.pad),
+        "bos_token_id": tokenizer.token_to_id(family.bos or family.pad),
         "eos_token_id": tokenizer.token_to_id(family.eos),
     }
 
 
-def _write_model(out_dir: Path, config: dict, weights: dict[str, mx.array]) -> None:
+def _write_model(
+    out_dir: Path, config: dict, weights: dict[str, mx.array], end_ids: list[int]
+) -> None:
     dtype = getattr(mx, config["torch_dtype"])
     weights = {k: v.astype(dtype) for k, v in weights.items()}
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    # Like Qwen2.5-Instruct: either end token stops generation.
-    generation = {
-        "bos_token_id": config["bos_token_id"],
-        "eos_token_id": [config["eos_token_id"], config["bos_token_id"]],
-    }
+    # Like the real checkpoints: any of the family's end tokens stops generation.
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": end_ids}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
@@ -491,7 +429,7 @@ def build_random_model(
     weights["lm_head.weight"] = mx.concatenate(
         [lm_head[:n_plain], mx.zeros_like(lm_head[n_plain:])]
     )
-    _write_model(out_dir, config, weights)
+    _write_model(out_dir, config, weights, _ids(tokenizer, family.end_tokens))
     return out_dir
 
 
@@ -531,8 +469,8 @@ class ScriptedModel:
     """A scripted checkpoint and the exact tokens its greedy decoding emits.
 
     ``script_token_ids`` follow a prompt without a tool result,
-    ``after_tool_token_ids`` one with ``<tool_response>`` in it (None when the
-    model has a single script). Neither list includes the eos token that ends
+    ``after_tool_token_ids`` one with a tool result in it (None when the
+    model has a single script). Neither list includes the end token that ends
     each output, so a server reports ``completion_tokens == len(ids) + 1``.
     """
 
@@ -574,6 +512,17 @@ def _glue_repeats(segments: list[_Segment]) -> None:
             return
 
 
+def _split_end(script: str, family: Family) -> tuple[str, str]:
+    """The script without its end token, and that token (eos unless the script ends with another)."""
+    if family.eos in script:
+        raise ValueError(f"a script must not contain the eos token {family.eos}")
+    end = next((t for t in family.ends if script.endswith(t)), family.eos)
+    body = script.removesuffix(end)
+    if any(t in body for t in family.ends):
+        raise ValueError(f"a script may hold an end token {family.ends} only at its end")
+    return body, end
+
+
 def _chunk_texts(script: str, markers: tuple[str, ...]) -> list[str]:
     if script[:1].isspace():
         raise ValueError("a script must not start with whitespace (detokenizers trim it)")
@@ -585,7 +534,7 @@ def _chunk_texts(script: str, markers: tuple[str, ...]) -> list[str]:
 
 
 def _context_units(
-    script: list[int], endings: list[list[int]], eos: int
+    script: list[int], endings: list[list[int]], end: int
 ) -> dict[tuple[int, ...], int]:
     """Map the shortest unambiguous context before each script step to its next token.
 
@@ -594,7 +543,7 @@ def _context_units(
     rendered generation prompt) is a state too: one whose next token is the
     script's first, which no unit may contradict.
     """
-    streams = [(ending + script + [eos], len(ending)) for ending in endings]
+    streams = [(ending + script + [end], len(ending)) for ending in endings]
     steps = [(s, p) for s, start in streams for p in range(start - 1, len(s) - 1)]
     pending = [(s, p) for s, start in streams for p in range(start, len(s) - 1)]
     units = {}
@@ -619,12 +568,16 @@ def _prompt_endings(out_dir: Path, tokenizer: Tokenizer) -> list[list[int]]:
     """The last tokens of the generation prompts the chat template renders."""
     chat = AutoTokenizer.from_pretrained(out_dir)
     question = [{"role": "user", "content": "What is in this directory? Please look."}]
-    call = {"type": "function", "function": {"name": "ls", "arguments": {}}}
+    # Mistral's templates insist on 9-character call ids.
+    call = {"id": "call12345", "type": "function", "function": {"name": "ls", "arguments": {}}}
     tool_turn = [
         {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "content": "a.txt"},
+        {"role": "tool", "tool_call_id": "call12345", "content": "a.txt"},
     ]
-    tool = {"type": "function", "function": {"name": "ls", "parameters": {}}}
+    tool = {
+        "type": "function",
+        "function": {"name": "ls", "description": "List files.", "parameters": {}},
+    }
     endings = []
     for messages in (question, question + tool_turn):
         for tools in (None, [tool]):
@@ -817,18 +770,19 @@ def build_scripted_model(
 ) -> ScriptedModel:
     """Write a qwen2 checkpoint whose greedy output after any chat prompt is
     exactly ``script`` and then eos, or ``after_tool_result`` and eos when the
-    prompt holds a tool result (a ``<tool_response>`` token anywhere).
+    prompt holds a tool result (the family's ``tool_result`` token anywhere).
 
-    Scripts are ASCII and must not start with whitespace. The scripted token
-    leads every other by ~30 logits, so sampling at ordinary temperatures
-    gives the same tokens.
+    A script may end with another of the family's end tokens instead, such as
+    harmony's ``<|call|>``; that token then ends it in place of eos. Scripts
+    are ASCII and must not start with whitespace. The scripted token leads
+    every other by ~30 logits, so sampling at ordinary temperatures gives the
+    same tokens.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     family = FAMILIES[template]
     texts = [script] if after_tool_result is None else [script, after_tool_result]
-    if any(family.eos in t for t in texts):
-        raise ValueError(f"a script must not contain the eos token {family.eos}")
+    texts, ends = zip(*(_split_end(t, family) for t in texts))
     # Chunks that are one token already keep it; the others become added tokens.
     base = _make_tokenizer(family, (), _VOCAB_SIZE)
     markers = tuple(t.content for t in base.get_added_tokens_decoder().values())
@@ -838,11 +792,11 @@ def build_scripted_model(
     tokenizer = build_tokenizer_files(out_dir, template, new, model_max_length=context_length)
     ids = [[tokenizer.token_to_id(c) if c in new else known[c][0] for c in cs] for cs in chunks]
 
-    eos = tokenizer.token_to_id(family.eos)
+    end_ids = _ids(tokenizer, ends)
     endings = _prompt_endings(out_dir, tokenizer)
-    units = [_context_units(seq, endings, eos) for seq in ids]
-    flag_token = None if after_tool_result is None else tokenizer.token_to_id("<tool_response>")
-    firsts = [(seq + [eos])[0] for seq in ids]
+    units = [_context_units(seq, endings, end) for seq, end in zip(ids, end_ids)]
+    flag_token = None if after_tool_result is None else tokenizer.token_to_id(family.tool_result)
+    firsts = [(seq + [end])[0] for seq, end in zip(ids, end_ids)]
     weights, layout = _scripted_weights(tokenizer.get_vocab_size(), firsts, units, flag_token)
     config = _qwen2_config(
         tokenizer,
@@ -857,7 +811,8 @@ def build_scripted_model(
         tie_word_embeddings=False,
         dtype="float32",
     )
-    _write_model(out_dir, config, {k: mx.array(v) for k, v in weights.items()})
+    weights = {k: mx.array(v) for k, v in weights.items()}
+    _write_model(out_dir, config, weights, _ids(tokenizer, family.end_tokens))
     return ScriptedModel(out_dir, ids[0], ids[1] if after_tool_result is not None else None)
 
 
