@@ -349,6 +349,9 @@ class Engine:
         n_prompt = len(prompt.tokens)
         if n_prompt >= lm.context_length:
             raise ContextLengthExceeded(lm.context_length, n_prompt)
+        bias = req.sampling.logit_bias or {}
+        if any(not 0 <= t < len(tokenizer) for t in bias):
+            raise InvalidPrompt(f"logit_bias token ids must be between 0 and {len(tokenizer) - 1}", param="logit_bias")
         room = lm.context_length - n_prompt
         max_tokens = min(req.max_tokens, room) if req.max_tokens else room
 
