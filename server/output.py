@@ -32,8 +32,10 @@ otherwise call markup is ordinary content)
     when the call's end marker arrives, and come out as a start plus one
     fragment holding `json.dumps(arguments)`. Harmony (gpt-oss) messages are
     routed by their header: analysis is reasoning, final and commentary are
-    content, a message to `functions.NAME` is a call. Format knowledge lives
-    in `server/tool_formats.py`.
+    content, a message to `functions.NAME` is a call. The prompt ends inside
+    a header (`<|start|>assistant`), so a response starts in one too, and may
+    name the recipient before the channel. Format knowledge lives in
+    `server/tool_formats.py`.
 
     Ids are 9 random letters and digits. Calls are indexed 0, 1, ... A call to
     a function that was not offered is still a call. With
@@ -183,6 +185,8 @@ class OutputParser:
             REASONING: self._state_patterns(REASONING, stop),
         }
         self._state = REASONING if starts_in_reasoning else CONTENT
+        if self._tf is not None and self._tf.channels and self._tf.channels.prompt_opens_header:
+            self._state = HEADER
         self._buf = ""  # text not yet handled
         self._ws = ""  # trailing whitespace of the current text run, held until more text follows
         self._dropped_ws = ""

@@ -42,6 +42,9 @@ class Channels:
     body: str  # marker between a header and its body
     ends: tuple[str, ...]  # markers that end a message body
     route: Callable[[str], tuple[str, Optional[str]]]  # header -> (reasoning|content|tool, name)
+    # The generation prompt ends inside a header ("<|start|>assistant"), so a
+    # response may go on with it: " to=functions.NAME<|channel|>commentary json<|message|>".
+    prompt_opens_header: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ HARMONY = ToolFormat(
         body="<|message|>",
         ends=("<|end|>", "<|return|>", "<|call|>"),
         route=_harmony_route,
+        prompt_opens_header=True,
     ),
 )
 
