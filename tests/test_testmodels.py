@@ -12,6 +12,7 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 from transformers import AutoTokenizer
 
 from scripts.testmodels import (
+    FAMILIES,
     build_random_model,
     build_scripted_model,
     build_tokenizer_files,
@@ -38,13 +39,13 @@ TOOL_ROUND_TRIP = [
         "content": "",
         "tool_calls": [
             {
-                "id": "call_1",
+                "id": "call12345",  # Mistral's templates want 9 characters
                 "type": "function",
                 "function": {"name": "bash", "arguments": {"command": "ls"}},
             }
         ],
     },
-    {"role": "tool", "tool_call_id": "call_1", "content": "a.txt"},
+    {"role": "tool", "tool_call_id": "call12345", "content": "a.txt"},
 ]
 
 
@@ -234,6 +235,7 @@ def test_transformers_decodes_the_script_ids(scripted):
         (" leading space", "whitespace"),
         ("caf\u00e9", "ASCII"),
         ("stop<|im_end|>", "eos"),
+        ("stop<|endoftext|> and go on", "only at its end"),
         ("<tool_call></tool_call>" * 6, "repetitive"),
     ],
 )
@@ -252,3 +254,88 @@ def test_cli_builds_both_kinds(tmp_path, capsys):
     prompt = tokenizer.apply_chat_template(TOOL_ROUND_TRIP[:1], add_generation_prompt=True)
     assert mlx_lm.generate(model, tokenizer, prompt, max_tokens=20) == "Hi there."
     assert built["after_tool_token_ids"] is None
+
+
+# --- Every family ------------------------------------------------------------
+
+# The tool-call format the server must detect for each family (server/tool_formats.py).
+FAMILY_FORMATS = {
+    "chatml": "json_tools",
+    "qwen3": "json_tools",
+    "qwen3_coder": "qwen3_coder",
+    "llama3": "llama3_json",
+    "mistral": "mistral",
+    "mistral_nemo": "mistral",
+    "harmony": "harmony",
+    "glm47": "glm47",
+}
+
+
+def test_every_family_names_its_tool_format():
+    assert set(FAMILY_FORMATS) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_tokenizer_has_its_markers_and_format(tmp_path, family):
+    from server.output import output_format_for
+
+    build_tokenizer_files(tmp_path, family)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    fam = FAMILIES[family]
+    for marker in (*fam.special, *fam.added):
+        assert tokenizer.encode(marker, add_special_tokens=False) == [
+            tokenizer.convert_tokens_to_ids(marker)
+        ]
+    assert output_format_for(mlx_lm.tokenizer_utils.load(tmp_path)).name == FAMILY_FORMATS[family]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_template_marks_tool_results_with_one_token(tmp_path, family):
+    build_tokenizer_files(tmp_path, family)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    marker = tokenizer.convert_tokens_to_ids(FAMILIES[family].tool_result)
+
+    def ids(messages):
+        return tokenizer.apply_chat_template(
+            messages, tools=[BASH_TOOL], add_generation_prompt=True, return_dict=False
+        )
+
+    assert marker not in ids(TOOL_ROUND_TRIP[:1])
+    assert ids(TOOL_ROUND_TRIP).count(marker) == 1
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_scripted_model_of_every_family_switches_on_a_tool_result(tmp_path, family):
+    built = build_scripted_model(tmp_path, "Hi there.", after_tool_result="Done.", template=family)
+    model, tokenizer = mlx_lm.load(str(built.path))
+    end_ids = {tokenizer.convert_tokens_to_ids(t) for t in FAMILIES[family].end_tokens}
+    assert tokenizer.eos_token_ids == end_ids
+    for messages, text in ((TOOL_ROUND_TRIP[:1], "Hi there."), (TOOL_ROUND_TRIP, "Done.")):
+        responses = _generate(model, tokenizer, messages, [BASH_TOOL])
+        assert "".join(r.text for r in responses) == text
+        assert responses[-1].token == tokenizer.convert_tokens_to_ids(FAMILIES[family].eos)
+
+
+def test_a_script_may_end_with_another_end_token(tmp_path):
+    call = '<|channel|>commentary to=functions.bash <|constrain|>json<|message|>{"command": "ls"}'
+    built = build_scripted_model(
+        tmp_path, call + "<|call|>", after_tool_result="<|channel|>final<|message|>Done.", template="harmony"
+    )
+    model, tokenizer = mlx_lm.load(str(built.path))
+    for messages, ids, end in (
+        (TOOL_ROUND_TRIP[:1], built.script_token_ids, "<|call|>"),
+        (TOOL_ROUND_TRIP, built.after_tool_token_ids, "<|return|>"),
+    ):
+        responses = _generate(model, tokenizer, messages, [BASH_TOOL])
+        assert [r.token for r in responses] == ids + [tokenizer.convert_tokens_to_ids(end)]
+    assert tokenizer.decode(built.script_token_ids) == call
+
+
+def test_script_chunks_never_swallow_a_marker(tmp_path):
+    """A chunk such as ">\n<" must leave the "<" of "<|im_end|>" to the marker."""
+    script = "<tool_call>\n<function=bash>\n<parameter=command>\nls\n</parameter>\n</function>\n</tool_call>"
+    build_scripted_model(tmp_path, script, template="qwen3_coder")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tokenizer.encode("</parameter>\n<|im_end|>\n<|im_start|>user", add_special_tokens=False)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") in ids
