@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from jinja2 import TemplateError
+
 log = logging.getLogger("mlxd.prompt")
 
 # How many of the last message boundaries get a prompt-cache checkpoint.
@@ -124,7 +126,10 @@ def build_prompt(
     messages = normalize_messages(messages)
     if not tokenizer.has_chat_template:
         raise ValueError("this model has no chat template")
-    text = _render(tokenizer, messages, tools, add_generation_prompt=True) + suffix
+    try:
+        text = _render(tokenizer, messages, tools, add_generation_prompt=True) + suffix
+    except TemplateError as e:  # raise_exception() in the template, or a field it needs
+        raise ValueError(f"the model's chat template cannot render these messages: {e}") from e
     tokens = tokenizer.encode(text, add_special_tokens=False)
     starts_in_reasoning = False
     if tokenizer.has_thinking:

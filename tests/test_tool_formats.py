@@ -335,3 +335,25 @@ def test_the_cases_cover_every_tool_format_of_the_catalog(format_models):
     }
     used = {f.tool_format for f in catalog.families() if f.tool_format}
     assert used == detected | {"json_tools"}
+
+
+def test_messages_a_template_refuses_are_a_client_error(format_server):
+    """Llama 3.x templates render one call per turn: two are the client's error (400), with why."""
+    call = {"type": "function", "function": {"name": "bash", "arguments": '{"command": "ls"}'}}
+    messages = ASK + [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "a1B2c3D4e", **call}, {"id": "f5G6h7J8k", **call}],
+        },
+        {"role": "tool", "tool_call_id": "a1B2c3D4e", "content": "a.txt"},
+        {"role": "tool", "tool_call_id": "f5G6h7J8k", "content": "a.txt"},
+    ]
+    response = format_server.post(
+        "/v1/chat/completions", json={"model": "llama3-call", "messages": messages, "tools": TOOLS}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "only supports single tool-calls" in error["message"]
+    assert format_server.get("/health").status_code == 200
