@@ -32,7 +32,9 @@ TEMPLATES = Path(__file__).parent / "chat_templates"
 
 @dataclass(frozen=True)
 class Family:
-    """A chat format: its real template and the tokens it needs as single tokens.
+    """A chat format: its real template, the tool-call format that the server
+    detects from it (a `server/tool_formats.py` name), and the tokens it needs
+    as single tokens.
 
     ``special`` tokens are control tokens (skipped by ``decode(...,
     skip_special_tokens=True)``); ``added`` ones are plain text markers that a
@@ -43,6 +45,7 @@ class Family:
     """
 
     template: str  # a file in chat_templates/, without ".jinja"
+    tool_format: str
     special: tuple[str, ...]
     added: tuple[str, ...]
     eos: str
@@ -70,20 +73,26 @@ _MISTRAL_SPECIAL = (
 
 # The templates are the families' own (chat_templates/README.md says where each comes from).
 FAMILIES: dict[str, Family] = {
-    # Qwen2.5-Instruct: Hermes-style JSON calls in <tool_call> (json_tools).
-    "chatml": Family("qwen2.5", _QWEN_SPECIAL, _QWEN_TOOLS, "<|im_end|>", "<|endoftext|>",
-                     ends=("<|endoftext|>",)),
+    # Qwen2.5-Instruct: Hermes-style JSON calls in <tool_call>.
+    "chatml": Family(
+        "qwen2.5", "json_tools", _QWEN_SPECIAL, _QWEN_TOOLS, "<|im_end|>", "<|endoftext|>",
+        ends=("<|endoftext|>",),
+    ),
     # Qwen3: the same calls, <think> blocks and the enable_thinking switch.
-    "qwen3": Family("qwen3", _QWEN_SPECIAL, _QWEN_TOOLS + _THINK, "<|im_end|>", "<|endoftext|>",
-                    ends=("<|endoftext|>",)),
-    # Qwen3-Coder: <tool_call><function=NAME><parameter=KEY>VALUE... XML calls (qwen3_coder).
-    "qwen3_coder": Family("qwen3-coder", _QWEN_SPECIAL, _QWEN_TOOLS, "<|im_end|>",
-                          "<|endoftext|>", ends=("<|endoftext|>",)),
+    "qwen3": Family(
+        "qwen3", "json_tools", _QWEN_SPECIAL, _QWEN_TOOLS + _THINK, "<|im_end|>", "<|endoftext|>",
+        ends=("<|endoftext|>",),
+    ),
+    # Qwen3-Coder: XML calls, <tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE...
+    "qwen3_coder": Family(
+        "qwen3-coder", "qwen3_coder", _QWEN_SPECIAL, _QWEN_TOOLS, "<|im_end|>", "<|endoftext|>",
+        ends=("<|endoftext|>",),
+    ),
     # Llama 3.2 Instruct (3.1 and 3.3 call the same way): a bare {"name", "parameters"}
-    # JSON call, or one after <|python_tag|> ended by <|eom_id|> (llama3_json). Tool
-    # results come in an ipython turn; its header is one token here.
+    # JSON call, or one after <|python_tag|> ended by <|eom_id|>. Tool results come in
+    # an ipython turn; its header is one token here.
     "llama3": Family(
-        "llama3.2",
+        "llama3.2", "llama3_json",
         ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
          "<|eot_id|>", "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"),
         ("<|start_header_id|>ipython<|end_header_id|>",),
@@ -93,9 +102,9 @@ FAMILIES: dict[str, Family] = {
         ends=("<|eom_id|>", "<|end_of_text|>"),
         tool_result="<|start_header_id|>ipython<|end_header_id|>",
     ),
-    # Mistral Small 3.2 and Devstral (v11+ tokenizers): [TOOL_CALLS]NAME[ARGS]{...} (mistral).
+    # Mistral Small 3.2 and Devstral (v11+ tokenizers): [TOOL_CALLS]NAME[ARGS]{...}.
     "mistral": Family(
-        "mistral-small-3.2",
+        "mistral-small-3.2", "mistral",
         _MISTRAL_SPECIAL + ("[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[ARGS]", "[CALL_ID]",
                             "[TOOL_CONTENT]"),
         (),
@@ -104,14 +113,16 @@ FAMILIES: dict[str, Family] = {
         bos="<s>",
         tool_result="[TOOL_RESULTS]",
     ),
-    # Mistral 7B v0.3 and NeMo: [TOOL_CALLS][{"name", "arguments"}, ...] (mistral).
-    "mistral_nemo": Family("mistral-nemo", _MISTRAL_SPECIAL, (), "</s>", "<pad>", bos="<s>",
-                           tool_result="[TOOL_RESULTS]"),
-    # gpt-oss harmony: <|channel|>CHANNEL[ to=functions.NAME]<|message|>BODY; a call
-    # ends with <|call|>, a final answer with <|return|> (harmony). Tool results
-    # come from "functions.NAME to=assistant"; " to=assistant" is one token here.
+    # Mistral 7B v0.3 and NeMo: [TOOL_CALLS][{"name", "arguments"}, ...].
+    "mistral_nemo": Family(
+        "mistral-nemo", "mistral", _MISTRAL_SPECIAL, (), "</s>", "<pad>", bos="<s>",
+        tool_result="[TOOL_RESULTS]",
+    ),
+    # gpt-oss: <|channel|>CHANNEL[ to=functions.NAME]<|message|>BODY; a call ends
+    # with <|call|>, a final answer with <|return|>. Tool results come from
+    # "functions.NAME to=assistant"; " to=assistant" is one token here.
     "harmony": Family(
-        "gpt-oss",
+        "gpt-oss", "harmony",
         ("<|startoftext|>", "<|endoftext|>", "<|start|>", "<|end|>", "<|message|>",
          "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"),
         (" to=assistant",),
@@ -121,10 +132,10 @@ FAMILIES: dict[str, Family] = {
         ends=("<|call|>", "<|endoftext|>"),
         tool_result=" to=assistant",
     ),
-    # GLM-4.5 to 4.7: <tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value></tool_call>
-    # (glm47), thinking in <think>; a turn ends with the next turn's role token.
+    # GLM-4.5 to 4.7: <tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value></tool_call>,
+    # thinking in <think>; a turn ends with the next turn's role token.
     "glm47": Family(
-        "glm-4.7-flash",
+        "glm-4.7-flash", "glm47",
         ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
          "<|observation|>"),
         _QWEN_TOOLS + _THINK + ("<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"),
@@ -513,7 +524,7 @@ def _glue_repeats(segments: list[_Segment]) -> None:
 
 
 def _split_end(script: str, family: Family) -> tuple[str, str]:
-    """The script without its end token, and that token (eos unless the script ends with another)."""
+    """The script without its end token, and that token: eos, or another end token it ends with."""
     if family.eos in script:
         raise ValueError(f"a script must not contain the eos token {family.eos}")
     end = next((t for t in family.ends if script.endswith(t)), family.eos)
@@ -564,8 +575,9 @@ def _context_units(
     raise ValueError(f"script too repetitive: {_MAX_CONTEXT} tokens of context do not decide it")
 
 
-def _prompt_endings(out_dir: Path, tokenizer: Tokenizer) -> list[list[int]]:
-    """The last tokens of the generation prompts the chat template renders."""
+def _prompt_endings(out_dir: Path, tokenizer: Tokenizer, suffix: str) -> list[list[int]]:
+    """The last tokens of the generation prompts the chat template renders,
+    without and with ``suffix`` appended."""
     chat = AutoTokenizer.from_pretrained(out_dir)
     question = [{"role": "user", "content": "What is in this directory? Please look."}]
     # Mistral's templates insist on 9-character call ids.
@@ -589,9 +601,10 @@ def _prompt_endings(out_dir: Path, tokenizer: Tokenizer) -> list[list[int]]:
                     enable_thinking=thinking,
                     tokenize=False,
                 )
-                ids = tokenizer.encode(text, add_special_tokens=False).ids[-_MAX_CONTEXT:]
-                if ids not in endings:
-                    endings.append(ids)
+                for prompt in dict.fromkeys((text, text + suffix)):
+                    ids = tokenizer.encode(prompt, add_special_tokens=False).ids[-_MAX_CONTEXT:]
+                    if ids not in endings:
+                        endings.append(ids)
     return endings
 
 
@@ -767,10 +780,13 @@ def build_scripted_model(
     after_tool_result: str | None = None,
     template: str = "chatml",
     context_length: int = 32768,
+    prompt_suffix: str = "",
 ) -> ScriptedModel:
     """Write a qwen2 checkpoint whose greedy output after any chat prompt is
     exactly ``script`` and then eos, or ``after_tool_result`` and eos when the
     prompt holds a tool result (the family's ``tool_result`` token anywhere).
+    ``prompt_suffix`` is text a server may append to the prompt, such as a
+    forced tool-call prefix, that the script then continues.
 
     A script may end with another of the family's end tokens instead, such as
     harmony's ``<|call|>``; that token then ends it in place of eos. Scripts
@@ -793,7 +809,7 @@ def build_scripted_model(
     ids = [[tokenizer.token_to_id(c) if c in new else known[c][0] for c in cs] for cs in chunks]
 
     end_ids = _ids(tokenizer, ends)
-    endings = _prompt_endings(out_dir, tokenizer)
+    endings = _prompt_endings(out_dir, tokenizer, prompt_suffix)
     units = [_context_units(seq, endings, end) for seq, end in zip(ids, end_ids)]
     flag_token = None if after_tool_result is None else tokenizer.token_to_id(family.tool_result)
     firsts = [(seq + [end])[0] for seq, end in zip(ids, end_ids)]

@@ -258,25 +258,8 @@ def test_cli_builds_both_kinds(tmp_path, capsys):
 
 # --- Every family ------------------------------------------------------------
 
-# The tool-call format the server must detect for each family (server/tool_formats.py).
-FAMILY_FORMATS = {
-    "chatml": "json_tools",
-    "qwen3": "json_tools",
-    "qwen3_coder": "qwen3_coder",
-    "llama3": "llama3_json",
-    "mistral": "mistral",
-    "mistral_nemo": "mistral",
-    "harmony": "harmony",
-    "glm47": "glm47",
-}
-
-
-def test_every_family_names_its_tool_format():
-    assert set(FAMILY_FORMATS) == set(FAMILIES)
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_tokenizer_has_its_markers_and_format(tmp_path, family):
+def test_family_tokenizer_has_its_markers_and_is_detected_as_its_format(tmp_path, family):
     from server.output import output_format_for
 
     build_tokenizer_files(tmp_path, family)
@@ -286,7 +269,7 @@ def test_family_tokenizer_has_its_markers_and_format(tmp_path, family):
         assert tokenizer.encode(marker, add_special_tokens=False) == [
             tokenizer.convert_tokens_to_ids(marker)
         ]
-    assert output_format_for(mlx_lm.tokenizer_utils.load(tmp_path)).name == FAMILY_FORMATS[family]
+    assert output_format_for(mlx_lm.tokenizer_utils.load(tmp_path)).name == fam.tool_format
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -319,7 +302,10 @@ def test_scripted_model_of_every_family_switches_on_a_tool_result(tmp_path, fami
 def test_a_script_may_end_with_another_end_token(tmp_path):
     call = '<|channel|>commentary to=functions.bash <|constrain|>json<|message|>{"command": "ls"}'
     built = build_scripted_model(
-        tmp_path, call + "<|call|>", after_tool_result="<|channel|>final<|message|>Done.", template="harmony"
+        tmp_path,
+        call + "<|call|>",
+        after_tool_result="<|channel|>final<|message|>Done.",
+        template="harmony",
     )
     model, tokenizer = mlx_lm.load(str(built.path))
     for messages, ids, end in (
@@ -333,9 +319,23 @@ def test_a_script_may_end_with_another_end_token(tmp_path):
 
 def test_script_chunks_never_swallow_a_marker(tmp_path):
     """A chunk such as ">\n<" must leave the "<" of "<|im_end|>" to the marker."""
-    script = "<tool_call>\n<function=bash>\n<parameter=command>\nls\n</parameter>\n</function>\n</tool_call>"
+    script = "<tool_call>\n<function=bash>\n<parameter=command>\nls\n</parameter>\n</function>\n"
+    script += "</tool_call>"
     build_scripted_model(tmp_path, script, template="qwen3_coder")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     ids = tokenizer.encode("</parameter>\n<|im_end|>\n<|im_start|>user", add_special_tokens=False)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") in ids
+
+
+def test_scripted_model_continues_a_prompt_suffix(tmp_path):
+    """A forced call prefix ends the prompt; the script must not jump ahead on its last token."""
+    prefix, rest = '{"name": "', 'bash", "parameters": {"command": "echo MARKER-1"}}'
+    built = build_scripted_model(tmp_path, rest, template="llama3", prompt_suffix=prefix)
+    model, tokenizer = mlx_lm.load(str(built.path))
+    text = tokenizer.apply_chat_template(
+        TOOL_ROUND_TRIP[:1], tools=[BASH_TOOL], add_generation_prompt=True, tokenize=False
+    )
+    prompt = tokenizer.encode(text + prefix, add_special_tokens=False)
+    responses = list(mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=60))
+    assert "".join(r.text for r in responses) == rest

@@ -19,6 +19,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from scripts.testmodels import FAMILIES, build_scripted_model
+from server import output
+from tests.conftest import ground_truth_prompt_tokens
 from tests.server_process import ServerProcess
 from tests.test_tool_calls import (
     assembled_calls,
@@ -64,12 +66,14 @@ AFTER_THOUGHT = "It worked."
 PREAMBLE = "Let me check."
 
 # Each format's calls, as the family's models write them.
-LLAMA_BASH = '{"name": "bash", "parameters": {"command": "echo MARKER-1"}}'
-LLAMA_READ = '{"name": "read", "parameters": {"path": "/tmp/notes.txt", "limit": 100}}'
-MISTRAL_BASH = '[TOOL_CALLS]bash[ARGS]{"command": "echo MARKER-1"}'
-MISTRAL_READ = '[TOOL_CALLS]read[ARGS]{"path": "/tmp/notes.txt", "limit": 100}'
-NEMO_BASH = '{"name": "bash", "arguments": {"command": "echo MARKER-1"}, "id": "a1B2c3D4e"}'
-NEMO_READ = '{"name": "read", "arguments": {"path": "/tmp/notes.txt", "limit": 100}, "id": "f5G6h7J8k"}'
+BASH_JSON = json.dumps(BASH[1])
+READ_JSON = json.dumps(READ[1])
+LLAMA_BASH = f'{{"name": "bash", "parameters": {BASH_JSON}}}'
+LLAMA_READ = f'{{"name": "read", "parameters": {READ_JSON}}}'
+MISTRAL_BASH = f"[TOOL_CALLS]bash[ARGS]{BASH_JSON}"
+MISTRAL_READ = f"[TOOL_CALLS]read[ARGS]{READ_JSON}"
+NEMO_BASH = f'{{"name": "bash", "arguments": {BASH_JSON}, "id": "a1B2c3D4e"}}'
+NEMO_READ = f'{{"name": "read", "arguments": {READ_JSON}, "id": "f5G6h7J8k"}}'
 CODER_BASH = (
     "<tool_call>\n<function=bash>\n<parameter=command>\necho MARKER-1\n</parameter>\n"
     "</function>\n</tool_call>"
@@ -79,12 +83,17 @@ CODER_READ = (
     "<parameter=limit>\n100\n</parameter>\n</function>\n</tool_call>"
 )
 # Harmony names the recipient after the channel, or before it (as the template renders calls).
-HARMONY_BASH = '<|channel|>commentary to=functions.bash <|constrain|>json<|message|>{"command": "echo MARKER-1"}<|call|>'
-HARMONY_READ = '<|channel|>commentary to=functions.read <|constrain|>json<|message|>{"path": "/tmp/notes.txt", "limit": 100}<|call|>'
-HARMONY_TO_BASH = 'to=functions.bash<|channel|>commentary json<|message|>{"command": "echo MARKER-1"}<|call|>'
-HARMONY_TO_READ = 'to=functions.read<|channel|>commentary json<|message|>{"path": "/tmp/notes.txt", "limit": 100}<|call|>'
+HARMONY_CALL = "<|channel|>commentary to=functions."
+HARMONY_BASH = f"{HARMONY_CALL}bash <|constrain|>json<|message|>{BASH_JSON}<|call|>"
+HARMONY_READ = f"{HARMONY_CALL}read <|constrain|>json<|message|>{READ_JSON}<|call|>"
+HARMONY_TO_BASH = f"to=functions.bash<|channel|>commentary json<|message|>{BASH_JSON}<|call|>"
+HARMONY_TO_READ = f"to=functions.read<|channel|>commentary json<|message|>{READ_JSON}<|call|>"
 HARMONY_NEXT = "<|end|><|start|>assistant"
-GLM_BASH = "<tool_call>bash<arg_key>command</arg_key><arg_value>echo MARKER-1</arg_value></tool_call>"
+HARMONY_FINAL = f"<|channel|>final<|message|>{ANSWER}"
+GLM_BASH = (
+    "<tool_call>bash<arg_key>command</arg_key><arg_value>echo MARKER-1</arg_value></tool_call>"
+)
+GLM_AFTER = f"{AFTER_THOUGHT}</think>{ANSWER}<|user|>"
 GLM_READ = (
     "<tool_call>read<arg_key>path</arg_key><arg_value>/tmp/notes.txt</arg_value>"
     "<arg_key>limit</arg_key><arg_value>100</arg_value></tool_call>"
@@ -104,6 +113,7 @@ class Case:
     reasoning: str = ""
     # The script's reasoning tokens: from the first of these tokens (None: the
     # first token, when the prompt opened the thinking block) to the second.
+    # Harmony's "<|channel|>analysis" header before <|message|> counts as none.
     reasoning_span: Optional[tuple[Optional[str], str]] = None
 
 
@@ -131,38 +141,49 @@ CASES = [
          content=PREAMBLE),
     # gpt-oss harmony: one call per turn, ended by <|call|> (an end token);
     # analysis is reasoning, a commentary preamble and the final channel are content.
-    Case("harmony-call", "harmony", HARMONY_BASH, (BASH,),
-         f"<|channel|>final<|message|>{ANSWER}"),
+    Case("harmony-call", "harmony", HARMONY_BASH, (BASH,), HARMONY_FINAL),
     # The generation prompt ends with "<|start|>assistant": a response may go on with " to=...".
-    Case("harmony-recipient-call", "harmony", HARMONY_TO_BASH, (BASH,),
-         f"<|channel|>final<|message|>{ANSWER}"),
+    Case("harmony-recipient-call", "harmony", HARMONY_TO_BASH, (BASH,), HARMONY_FINAL),
     Case("harmony-reasoning-call", "harmony",
          f"<|channel|>analysis<|message|>{THOUGHT}{HARMONY_NEXT} {HARMONY_TO_READ}", (READ,),
-         f"<|channel|>analysis<|message|>{AFTER_THOUGHT}{HARMONY_NEXT}<|channel|>final<|message|>{ANSWER}",
+         f"<|channel|>analysis<|message|>{AFTER_THOUGHT}{HARMONY_NEXT}{HARMONY_FINAL}",
          reasoning=THOUGHT, reasoning_span=("<|message|>", "<|end|>")),
     Case("harmony-text-call", "harmony",
          f"<|channel|>commentary<|message|>{PREAMBLE}{HARMONY_NEXT}{HARMONY_READ}", (READ,),
-         f"<|channel|>final<|message|>{ANSWER}", content=PREAMBLE),
+         HARMONY_FINAL, content=PREAMBLE),
     # GLM-4.5 to 4.7: the prompt opens <think>; a call turn ends with <|observation|>,
     # an answer with <|user|>.
     Case("glm-call", "glm47", f"{THOUGHT}</think>{GLM_BASH}<|observation|>", (BASH,),
-         f"{AFTER_THOUGHT}</think>{ANSWER}<|user|>", reasoning=THOUGHT,
-         reasoning_span=(None, "</think>")),
+         GLM_AFTER, reasoning=THOUGHT, reasoning_span=(None, "</think>")),
     Case("glm-parallel", "glm47", f"{THOUGHT}</think>{GLM_BASH}{GLM_READ}<|observation|>",
-         (BASH, READ), f"{AFTER_THOUGHT}</think>{ANSWER}<|user|>", reasoning=THOUGHT,
-         reasoning_span=(None, "</think>")),
+         (BASH, READ), GLM_AFTER, reasoning=THOUGHT, reasoning_span=(None, "</think>")),
     Case("glm-text-call", "glm47", f"{THOUGHT}</think>{PREAMBLE}{GLM_READ}<|observation|>", (READ,),
-         f"{AFTER_THOUGHT}</think>{ANSWER}<|user|>", content=PREAMBLE, reasoning=THOUGHT,
-         reasoning_span=(None, "</think>")),
+         GLM_AFTER, content=PREAMBLE, reasoning=THOUGHT, reasoning_span=(None, "</think>")),
 ]  # fmt: skip
+# tool_choice "required" and a named function: the server appends the start of a
+# call to the prompt; these models write the rest (family, the whole call).
+FORCED = {
+    "llama3": LLAMA_BASH,
+    "mistral": MISTRAL_BASH,
+    "qwen3_coder": CODER_BASH,
+    "harmony": HARMONY_BASH,
+    "glm47": GLM_BASH + "<|observation|>",
+}
+CHOICES = {"required": "required", "named": {"type": "function", "function": {"name": "bash"}}}
 # Text that must never reach content or reasoning: the families' markers and call syntax.
 MARKUP = ("<|", "|>", "[TOOL_CALLS]", "[ARGS]", "<tool_call>", "<function=", "<parameter=",
           "<arg_", "<think>", "</think>", "{", "}", "to=functions")  # fmt: skip
 
 
+def forced_prefix(family: str, choice: str) -> str:
+    """What the server appends to the prompt to force the call."""
+    fmt = output.output_format(FAMILIES[family].tool_format)
+    return output.forced_prefix(fmt, CHOICES[choice], TOOLS)
+
+
 @pytest.fixture(scope="session")
 def format_models(models_dir):
-    return {
+    models = {
         case.name: build_scripted_model(
             models_dir / case.name,
             case.script,
@@ -171,6 +192,15 @@ def format_models(models_dir):
         )
         for case in CASES
     }
+    for family, call in FORCED.items():
+        for choice in CHOICES:
+            name = f"{family}-{choice}"
+            prefix = forced_prefix(family, choice)
+            assert call.startswith(prefix)
+            models[name] = build_scripted_model(
+                models_dir / name, call[len(prefix) :], template=family, prompt_suffix=prefix
+            )
+    return models
 
 
 @pytest.fixture(scope="session")
@@ -185,7 +215,8 @@ def format_server(tmp_path_factory, format_models):
 
 
 def reasoning_of(chunks) -> str:
-    return "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    return "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
 
 
 def assert_no_markup(chunks):
@@ -198,11 +229,16 @@ def assert_no_markup(chunks):
 
 def prompt_tokens(model, messages) -> int:
     """Ground truth: the model's own tokenizer renders and tokenizes the chat."""
+    return ground_truth_prompt_tokens(model.path, messages, TOOLS)
+
+
+def forced_prompt_tokens(model, messages, prefix: str) -> int:
+    """Ground truth of a prompt that ends with a forced call prefix."""
     tokenizer = AutoTokenizer.from_pretrained(str(model.path))
-    ids = tokenizer.apply_chat_template(
-        messages, tools=TOOLS, add_generation_prompt=True, tokenize=True, return_dict=False
+    text = tokenizer.apply_chat_template(
+        messages, tools=TOOLS, add_generation_prompt=True, tokenize=False
     )
-    return len(ids)
+    return len(tokenizer.encode(text + prefix, add_special_tokens=False))
 
 
 def reasoning_tokens(case: Case, model) -> int:
@@ -298,8 +334,10 @@ def test_calls_and_results_round_trip_through_the_template(format_server, format
     tool result and answers."""
     model = format_models[case.name]
     client = format_server.client()
-    first = client.chat.completions.create(model=case.name, messages=ASK, tools=TOOLS, temperature=0)
-    calls = [(c.id, c.function.name, c.function.arguments) for c in first.choices[0].message.tool_calls]
+    first = client.chat.completions.create(
+        model=case.name, messages=ASK, tools=TOOLS, temperature=0
+    ).choices[0].message
+    calls = [(c.id, c.function.name, c.function.arguments) for c in first.tool_calls]
 
     chunks = list(
         client.chat.completions.create(
@@ -313,11 +351,13 @@ def test_calls_and_results_round_trip_through_the_template(format_server, format
     )
     assert content_of(chunks) == ANSWER
     assert_no_markup(chunks)
-    assert reasoning_of(chunks) == (AFTER_THOUGHT if AFTER_THOUGHT in case.after_tool_result else "")
+    thought = AFTER_THOUGHT if AFTER_THOUGHT in case.after_tool_result else ""
+    assert reasoning_of(chunks) == thought
     assert finish_reasons(chunks) == ["stop"]
     usage = chunks[-1].usage
     # The template saw the arguments as objects, as the model's own tokenizer renders them.
-    assert usage.prompt_tokens == prompt_tokens(model, history(case, calls, arguments_as_json=False))
+    rendered = history(case, calls, arguments_as_json=False)
+    assert usage.prompt_tokens == prompt_tokens(model, rendered)
     assert usage.completion_tokens == len(model.after_tool_token_ids) + 1
 
 
@@ -335,6 +375,36 @@ def test_the_cases_cover_every_tool_format_of_the_catalog(format_models):
     }
     used = {f.tool_format for f in catalog.families() if f.tool_format}
     assert used == detected | {"json_tools"}
+
+
+@pytest.mark.parametrize("choice", CHOICES)
+@pytest.mark.parametrize("family", FORCED)
+def test_required_and_named_tool_choice_force_the_call(
+    format_server, format_models, family, choice
+):
+    """The prompt ends inside a call; the model's text completes it."""
+    name = f"{family}-{choice}"
+    model = format_models[name]
+    chunks = list(
+        format_server.client().chat.completions.create(
+            model=name,
+            messages=ASK,
+            tools=TOOLS,
+            tool_choice=CHOICES[choice],
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    calls = assembled_calls(chunks)
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [BASH]
+    assert_first_deltas_announce_calls(chunks)
+    assert content_of(chunks) == ""
+    assert_no_markup(chunks)
+    assert finish_reasons(chunks) == ["tool_calls"]
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == forced_prompt_tokens(model, ASK, forced_prefix(family, choice))
+    assert usage.completion_tokens == len(model.script_token_ids) + 1
 
 
 def test_messages_a_template_refuses_are_a_client_error(format_server):
