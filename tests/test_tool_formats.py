@@ -12,6 +12,7 @@ of the calls and their results through the template. The Qwen/Hermes
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,7 +20,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from scripts.testmodels import FAMILIES, build_scripted_model
-from server import output
+from server import output, tool_formats
 from tests.conftest import ground_truth_prompt_tokens
 from tests.server_process import ServerProcess
 from tests.test_tool_calls import (
@@ -375,6 +376,39 @@ def test_the_cases_cover_every_tool_format_of_the_catalog(format_models):
     }
     used = {f.tool_format for f in catalog.families() if f.tool_format}
     assert used == detected | {"json_tools"}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if len(c.calls) == 1], ids=lambda c: c.name)
+def test_a_call_cut_by_max_tokens_never_vanishes(format_server, format_models, case):
+    """Cut inside the arguments: formats that stream arguments keep the announced
+    call (its arguments do not parse); the others give its text back as content."""
+    model = format_models[case.name]
+    tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+    ids = model.script_token_ids
+    # Just into the first argument's value ("echo MARKER-1" or "/tmp/notes.txt").
+    cut = next(n for n in range(len(ids)) if re.search("echo|/tmp", tokenizer.decode(ids[:n])))
+    chunks = list(
+        format_server.client().chat.completions.create(
+            model=case.name,
+            messages=ASK,
+            tools=TOOLS,
+            temperature=0,
+            max_tokens=cut,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert finish_reasons(chunks) == ["length"]
+    assert chunks[-1].usage.completion_tokens == cut
+    calls = assembled_calls(chunks)
+    if tool_formats.FORMATS[FAMILIES[case.family].tool_format].streams_arguments:
+        assert [c["name"] for c in calls.values()] == [case.calls[0][0]]
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(calls[0]["arguments"])
+        assert content_of(chunks) == case.content
+    else:
+        assert calls == {}
+        assert content_of(chunks) == tokenizer.decode(ids[:cut]).split("</think>")[-1]
 
 
 @pytest.mark.parametrize("choice", CHOICES)
