@@ -52,18 +52,24 @@ def engine_error_response(error: EngineError) -> JSONResponse:
     return error_response(str(error), status, param=error.param, code=error.code, headers=headers)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def _field_path(loc) -> str:
-    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    """('body', 'messages', 0, 'role') -> 'messages[0].role', without pydantic's union tags."""
     path = ""
     for part in loc:
         if part == "body" and not path:
+            continue
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part[:1].isupper()):
             continue
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
+    # The deepest error is the most specific one (a union reports one per member).
+    first = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
     if first.get("type") == "json_invalid":
         return error_response(f"We could not parse the JSON body of your request: {first.get('msg')}", 400, code="invalid_json")
     param = _field_path(first.get("loc", ()))

@@ -29,6 +29,7 @@ class _ServedModel:
     name: str
     path: Path
     local: bool
+    tool_format: str | None = None
 
 
 def _served_model(name: str, pull: bool) -> _ServedModel:
@@ -40,7 +41,8 @@ def _served_model(name: str, pull: bool) -> _ServedModel:
         if not pull:
             raise registry.RegistryError(registry.NOT_FOUND, f"{resolved.name} is not downloaded. Run: mlxd pull {name}")
         resolved = registry.pull(name)
-    return _ServedModel(resolved.name, resolved.path, local=False)
+    tool_format = resolved.family.tool_format if resolved.family else None
+    return _ServedModel(resolved.name, resolved.path, local=False, tool_format=tool_format)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -68,7 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
     engine.start()
     runtime = Runtime(engine, local, pull_on_demand=args.pull)
     for ref in preload[: args.max_loaded_models]:
-        engine.preload(ModelRef(ref.name, ref.path))
+        engine.preload(ModelRef(ref.name, ref.path, ref.tool_format))
     app = create_app(runtime, version=version())
     log.info("%s", describe(setup_blas()))
     log.info("mlxd %s serving on http://%s:%d/v1", version(), args.host, args.port)

@@ -48,10 +48,12 @@ class SamplingParams:
 
 @dataclass
 class ModelRef:
-    """A model the registry resolved: the name it is served under and its directory."""
+    """A model the registry resolved: the name it is served under, its directory,
+    and its tool-call format when the catalog knows it better than the template."""
 
     name: str
     path: Path
+    tool_format: Optional[str] = None
 
 
 @dataclass
@@ -337,7 +339,7 @@ class Engine:
         req = handle.request
         lm = self._ensure_loaded(req.model)
         tokenizer = lm.tokenizer
-        fmt = output_format_for(tokenizer)
+        fmt = output_format_for(tokenizer, tool_format=req.model.tool_format)
         tools = req.tools if req.tool_choice != "none" else None
         prefix = forced_prefix(fmt, req.tool_choice, tools)
         try:
@@ -347,6 +349,9 @@ class Engine:
         n_prompt = len(prompt.tokens)
         if n_prompt >= lm.context_length:
             raise ContextLengthExceeded(lm.context_length, n_prompt)
+        bias = req.sampling.logit_bias or {}
+        if any(not 0 <= t < len(tokenizer) for t in bias):
+            raise InvalidPrompt(f"logit_bias token ids must be between 0 and {len(tokenizer) - 1}", param="logit_bias")
         room = lm.context_length - n_prompt
         max_tokens = min(req.max_tokens, room) if req.max_tokens else room
 

@@ -27,9 +27,13 @@ otherwise call markup is ordinary content)
     text of its arguments object streams as `ToolCallArguments` fragments. The
     closing `}` of the arguments object is held back until the object is
     complete and `json.loads` accepts it, so the concatenated fragments never
-    parse as JSON before the call is complete. Other formats are parsed whole
-    with the format's parser when the call's end marker arrives, and come out
-    as a start plus one fragment holding `json.dumps(arguments)`.
+    parse as JSON before the call is complete; the call is complete then,
+    whatever follows. Other formats are parsed whole with the format's parser
+    when the call's end marker arrives, and come out as a start plus one
+    fragment holding `json.dumps(arguments)`. Harmony (gpt-oss) messages are
+    routed by their header: analysis is reasoning, final and commentary are
+    content, a message to `functions.NAME` is a call. Format knowledge lives
+    in `server/tool_formats.py`.
 
     Ids are 9 random letters and digits. Calls are indexed 0, 1, ... A call to
     a function that was not offered is still a call. With
@@ -64,7 +68,13 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from server import tool_formats
-from server.events import ContentDelta, ParsedEvent, ReasoningDelta, ToolCallArguments, ToolCallStart
+from server.events import (
+    ContentDelta,
+    ParsedEvent,
+    ReasoningDelta,
+    ToolCallArguments,
+    ToolCallStart,
+)
 from server.tool_formats import ToolFormat, ToolParser, call_from_json
 
 log = logging.getLogger("mlxd.output")
@@ -88,7 +98,9 @@ class OutputFormat:
     name: Optional[str]
 
 
-def output_format(name: Optional[str], think_start: Optional[str] = None, think_end: Optional[str] = None) -> OutputFormat:
+def output_format(
+    name: Optional[str], think_start: Optional[str] = None, think_end: Optional[str] = None
+) -> OutputFormat:
     """The OutputFormat of tool format `name` (a catalog family's `tool_format`)."""
     tf = tool_formats.lookup(name)
     if tf is None:
@@ -109,11 +121,20 @@ def output_format_for(tokenizer: Any, tool_format: Optional[str] = None) -> Outp
     think_end = getattr(tokenizer, "think_end", None)
     fmt = output_format(name, think_start, think_end)
     if fmt.name is None and name and getattr(tokenizer, "tool_parser", None) is not None:
-        fmt = OutputFormat(think_start, think_end, tokenizer.tool_call_start, tokenizer.tool_call_end or None, tokenizer.tool_parser, name)
+        fmt = OutputFormat(
+            think_start,
+            think_end,
+            tokenizer.tool_call_start,
+            tokenizer.tool_call_end or None,
+            tokenizer.tool_parser,
+            name,
+        )
     return fmt
 
 
-def forced_prefix(fmt: OutputFormat, tool_choice: Optional[ToolChoice], tools: Optional[list]) -> str:
+def forced_prefix(
+    fmt: OutputFormat, tool_choice: Optional[ToolChoice], tools: Optional[list]
+) -> str:
     """Text to append to the prompt so the model must call a tool ("required")
     or the named one; "" for auto / none. Formats whose calls cannot be forced
     by a prefix get their start marker only."""
@@ -128,7 +149,12 @@ def forced_prefix(fmt: OutputFormat, tool_choice: Optional[ToolChoice], tools: O
 def _tool_format(fmt: OutputFormat) -> Optional[ToolFormat]:
     tf = tool_formats.lookup(fmt.name)
     if tf is None and fmt.tool_parser is not None:
-        tf = ToolFormat(fmt.name or "custom", fmt.tool_call_start or None, fmt.tool_call_end or None, fmt.tool_parser)
+        tf = ToolFormat(
+            fmt.name or "custom",
+            fmt.tool_call_start or None,
+            fmt.tool_call_end or None,
+            fmt.tool_parser,
+        )
     return tf
 
 
@@ -152,7 +178,10 @@ class OutputParser:
         self._tf = _tool_format(fmt)
         self._tools_on = bool(tools) and tool_choice != "none" and self._tf is not None
         self._single = not parallel_tool_calls or isinstance(tool_choice, dict)
-        self._patterns = {CONTENT: self._state_patterns(CONTENT, stop), REASONING: self._state_patterns(REASONING, stop)}
+        self._patterns = {
+            CONTENT: self._state_patterns(CONTENT, stop),
+            REASONING: self._state_patterns(REASONING, stop),
+        }
         self._state = REASONING if starts_in_reasoning else CONTENT
         self._buf = ""  # text not yet handled
         self._ws = ""  # trailing whitespace of the current text run, held until more text follows
@@ -165,7 +194,9 @@ class OutputParser:
         self._calls = 0  # calls announced (indexes handed out)
         self._completed = 0  # calls completed with valid arguments
         self._out: list[ParsedEvent] = []
-        self._run(prefix)  # the forced prefix is part of the prompt; its events come with the first feed
+        self._run(
+            prefix
+        )  # the forced prefix is part of the prompt; its events come with the first feed
 
     @property
     def in_reasoning(self) -> bool:
@@ -185,7 +216,10 @@ class OutputParser:
                 rest = self._region.finish(reason)
                 self._region = None
             else:
-                log.warning("harmony header cut off by the end of generation; returned as content: %r", self._header + self._buf)
+                log.warning(
+                    "harmony header cut off by the end of generation; returned as content: %r",
+                    self._header + self._buf,
+                )
                 self._raw(self._header)
                 rest = ""
             self._state = CONTENT
@@ -226,7 +260,9 @@ class OutputParser:
                 if rest is None:
                     return
                 self._region, self._buf = None, rest
-                if self._state == TOOL:  # the region closed (a broken one has put the parser in content already)
+                if (
+                    self._state == TOOL
+                ):  # the region closed (a broken one has put the parser in content already)
                     self._state = CONTENT
                     self._end_run()
                 continue
@@ -263,7 +299,12 @@ class OutputParser:
 
     def _implicit_call(self) -> bool:
         """Llama 3.x: a response whose content begins with "{" is a call."""
-        if self._implicit_tried or self._state != CONTENT or not self._tools_on or not self._tf.implicit_start:
+        if (
+            self._implicit_tried
+            or self._state != CONTENT
+            or not self._tools_on
+            or not self._tf.implicit_start
+        ):
             return False
         if self._said_content:
             self._implicit_tried = True
@@ -284,7 +325,10 @@ class OutputParser:
         end = self._buf.find(channels.body)
         if end < 0 or len(self._header) + end > _MAX_HEADER:
             if len(self._header) + len(self._buf) > _MAX_HEADER + len(channels.body):
-                log.warning("not a harmony message header; returned as content: %r", self._header + self._buf)
+                log.warning(
+                    "not a harmony message header; returned as content: %r",
+                    self._header + self._buf,
+                )
                 self._raw(self._header)
                 return True
             return False
@@ -387,7 +431,15 @@ class _Depth:
 
 
 # Phases of a JSON call region.
-_BETWEEN, _HEAD, _ARGS_WAIT, _ARGS, _TAIL, _WHOLE, _OBJECT = "between", "head", "args_wait", "args", "tail", "whole", "object"
+_BETWEEN, _HEAD, _ARGS_WAIT, _ARGS, _TAIL, _WHOLE, _OBJECT = (
+    "between",
+    "head",
+    "args_wait",
+    "args",
+    "tail",
+    "whole",
+    "object",
+)
 
 
 class _JsonCalls:
@@ -400,7 +452,9 @@ class _JsonCalls:
     def __init__(self, out: OutputParser, tf: ToolFormat, opener: str, name: Optional[str] = None):
         self.out, self.tf, self.opener = out, tf, opener
         self.text, self.i = opener, len(opener)
-        self.opener_pending = True  # nothing of this region was a call yet: on failure the opener is content
+        self.opener_pending = (
+            True  # nothing of this region was a call yet: on failure the opener is content
+        )
         self.rest: Optional[str] = None
         if tf.end:
             self.closers = ((tf.end, True),)
@@ -483,7 +537,9 @@ class _JsonCalls:
             self.args_start = self.emitted = self.i
             self.phase, self.depth = _ARGS, _Depth()
             return True
-        if self.wrapped:  # another JSON value (a string holding the object?): parse when the call's object closes
+        if (
+            self.wrapped
+        ):  # another JSON value (a string holding the object?): parse when the call's object closes
             self.phase, self.depth = _WHOLE, _Depth(1)
             return True
         self._broken("its arguments are not a JSON object")
@@ -615,7 +671,12 @@ class _JsonCalls:
         self.text, self.i, self.phase = self.text[self.i :], 0, _BETWEEN
 
     def _broken(self, why: str) -> None:
-        log.warning("tool call %r is broken: %s; its arguments will not parse: %r", self.name, why, self.text[:2000])
+        log.warning(
+            "tool call %r is broken: %s; its arguments will not parse: %r",
+            self.name,
+            why,
+            self.text[:2000],
+        )
 
     def _fail(self, why: str) -> bool:
         """The region holds no (further) call: its text goes back to the content state."""
@@ -626,7 +687,11 @@ class _JsonCalls:
         elif not self.tf.end:  # marker-less region: text after its calls is content
             self.rest = self.text[self.head :]
         else:
-            log.warning("text in a tool call region after its calls (%s); returned as content: %r", why, self.text[:2000])
+            log.warning(
+                "text in a tool call region after its calls (%s); returned as content: %r",
+                why,
+                self.text[:2000],
+            )
             self.rest = self.text[self.head :]
         return False
 
@@ -656,7 +721,11 @@ class _WholeCalls:
         if reason == "stop" and self._emit(self.body):  # the model ended without the end marker
             return ""
         if reason != "stop":
-            log.warning("tool call cut by the end of generation (%s); returned as content: %r", reason, self.opener + self.body)
+            log.warning(
+                "tool call cut by the end of generation (%s); returned as content: %r",
+                reason,
+                self.opener + self.body,
+            )
         self.out._raw(self.opener)
         return self.body
 
@@ -667,7 +736,12 @@ class _WholeCalls:
             if not calls:
                 raise ValueError("no tool call found")
         except Exception as e:  # third-party parsers raise many kinds of errors
-            log.warning("malformed tool call (%s: %s); returned as content: %r", type(e).__name__, e, self.opener + body)
+            log.warning(
+                "malformed tool call (%s: %s); returned as content: %r",
+                type(e).__name__,
+                e,
+                self.opener + body,
+            )
             return False
         for call in calls:
             index = self.out._start_call(call["name"])
@@ -713,7 +787,11 @@ def _coalesce(events: list[ParsedEvent]) -> list[ParsedEvent]:
         last = merged[-1] if merged else None
         if isinstance(event, (ContentDelta, ReasoningDelta)) and type(last) is type(event):
             merged[-1] = type(event)(last.text + event.text)
-        elif isinstance(event, ToolCallArguments) and isinstance(last, ToolCallArguments) and last.index == event.index:
+        elif (
+            isinstance(event, ToolCallArguments)
+            and isinstance(last, ToolCallArguments)
+            and last.index == event.index
+        ):
             merged[-1] = ToolCallArguments(event.index, last.fragment + event.fragment)
         else:
             merged.append(event)

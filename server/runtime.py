@@ -64,7 +64,8 @@ class Runtime:
             if e.kind == registry.UNAVAILABLE:
                 raise ModelUnavailable(str(e)) from e
             raise ModelNotFound(str(e)) from e
-        return ModelRef(name=resolved.name, path=resolved.path)
+        tool_format = resolved.family.tool_format if resolved.family else None
+        return ModelRef(name=resolved.name, path=resolved.path, tool_format=tool_format)
 
     def list_models(self) -> list[dict]:
         """Served local directories and complete downloads, with what is loaded."""

@@ -174,6 +174,11 @@ def test_prompt_longer_than_the_context_is_rejected_with_openai_wording(core_ser
         ({"model": "greeter", "messages": HELLO, "temperature": 7}, 400, "temperature", "invalid_value"),
         ({"model": "greeter", "messages": HELLO, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
         ({"model": "greeter", "messages": HELLO, "logit_bias": {"abc": 1}}, 400, "logit_bias", "invalid_value"),
+        ({"model": "greeter", "messages": HELLO, "n": 2}, 400, "n", "invalid_value"),
+        ({"model": "greeter", "messages": HELLO, "tool_choice": "required"}, 400, "tool_choice", "invalid_value"),
+        ({"model": "greeter", "messages": HELLO, "logit_bias": {"999999": 5}}, 400, "logit_bias", "invalid_prompt"),
+        ({"model": "greeter", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+         "messages[0].content[0].type", "invalid_value"),
         ({"model": "no-such-model", "messages": HELLO}, 404, "model", "model_not_found"),
     ],
 )

@@ -18,7 +18,13 @@ import re
 import pytest
 
 from server.events import ContentDelta, ReasoningDelta, ToolCallArguments, ToolCallStart
-from server.output import OutputFormat, OutputParser, forced_prefix, output_format, output_format_for
+from server.output import (
+    OutputFormat,
+    OutputParser,
+    forced_prefix,
+    output_format,
+    output_format_for,
+)
 from server.tool_formats import parse_harmony_call, parse_json_calls
 
 C, R, A = ContentDelta, ReasoningDelta, ToolCallArguments
@@ -29,11 +35,40 @@ def S(index: int, name: str) -> ToolCallStart:
 
 
 TOOLS = [
-    {"type": "function", "function": {"name": "bash", "parameters": {"type": "object", "properties": {"command": {"type": "string"}}}}},
-    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "bash",
+            "parameters": {"type": "object", "properties": {"command": {"type": "string"}}},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            },
+        },
+    },
 ]
 THINK = output_format("json_tools", "<think>", "</think>")
-MARKUP = ("<tool_call>", "</tool_call>", "<think>", "</think>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", "<|channel|>", "<|message|>", "<|end|>", "<|start|>", "<function=", "<parameter=")
+MARKUP = (
+    "<tool_call>",
+    "</tool_call>",
+    "<think>",
+    "</think>",
+    "[TOOL_CALLS]",
+    "[ARGS]",
+    "<|python_tag|>",
+    "<|channel|>",
+    "<|message|>",
+    "<|end|>",
+    "<|start|>",
+    "<function=",
+    "<parameter=",
+)
 ID = re.compile(r"^[A-Za-z0-9]{9}$")
 
 
@@ -42,7 +77,11 @@ def splits(text: str) -> list[list[str]]:
     ways = [[text], list(text)]
     for seed in range(6):
         rng = random.Random(seed)
-        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, max(1, len(text) // 4)))) if len(text) > 1 else []
+        cuts = (
+            sorted(rng.sample(range(1, len(text)), rng.randint(1, max(1, len(text) // 4))))
+            if len(text) > 1
+            else []
+        )
         ways.append([text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])])
     for marker in MARKUP:
         start = text.find(marker)
@@ -86,14 +125,20 @@ def normalize(events: list) -> list:
         last = merged[-1] if merged else None
         if isinstance(e, (ContentDelta, ReasoningDelta)) and type(last) is type(e):
             merged[-1] = type(e)(last.text + e.text)
-        elif isinstance(e, ToolCallArguments) and isinstance(last, ToolCallArguments) and last.index == e.index:
+        elif (
+            isinstance(e, ToolCallArguments)
+            and isinstance(last, ToolCallArguments)
+            and last.index == e.index
+        ):
             merged[-1] = A(e.index, last.fragment + e.fragment)
         else:
             merged.append(e)
     return merged
 
 
-def parse(fmt: OutputFormat, text: str, reason: str = "stop", markup_allowed: bool = False, **kwargs):
+def parse(
+    fmt: OutputFormat, text: str, reason: str = "stop", markup_allowed: bool = False, **kwargs
+):
     """Events and finish reason of text, the same for every split."""
     results = set()
     for deltas in splits(text):
@@ -115,7 +160,9 @@ def arguments(events: list) -> dict[int, object]:
 
 
 CALL = '<tool_call>\n{"name": "bash", "arguments": {"command": "echo MARKER-1"}}\n</tool_call>'
-CALL2 = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+CALL2 = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>'
+)
 
 
 # -- content, reasoning, stop strings ------------------------------------------
@@ -129,7 +176,9 @@ def test_plain_text_streams_unchanged():
 def test_text_streams_before_it_is_finished():
     parser = OutputParser(THINK, tools=TOOLS)
     assert parser.feed("Hello wor") == [C("Hello wor")]
-    assert parser.feed("ld <tool_") == [C("ld")]  # a space waits for more text; "<tool_" may be a marker
+    assert parser.feed("ld <tool_") == [
+        C("ld")
+    ]  # a space waits for more text; "<tool_" may be a marker
     assert parser.feed("box") == [C(" <tool_box")]
     assert parser.finish("stop") == ([], "stop")
 
@@ -140,7 +189,10 @@ def test_reasoning_then_content():
 
 
 def test_prompt_opened_reasoning_and_stray_think_end():
-    assert parse(THINK, "Plan: greet.\n</think>\n\nHi.", starts_in_reasoning=True)[0] == [R("Plan: greet."), C("Hi.")]
+    assert parse(THINK, "Plan: greet.\n</think>\n\nHi.", starts_in_reasoning=True)[0] == [
+        R("Plan: greet."),
+        C("Hi."),
+    ]
     assert parse(THINK, "Hi.</think> There.")[0] == [C("Hi. There.")]
 
 
@@ -169,11 +221,18 @@ def test_earliest_stop_string_wins_and_applies_in_reasoning():
 
 
 def test_stop_strings_do_not_cut_tool_calls():
-    events, reason = parse(THINK, 'Run:\n\n<tool_call>\n{"name": "bash", "arguments": {"command": "a\\n\\nb"}}\n</tool_call>', stop=["\n\n"])
+    events, reason = parse(
+        THINK,
+        'Run:\n\n<tool_call>\n{"name": "bash", "arguments": {"command": "a\\n\\nb"}}\n</tool_call>',
+        stop=["\n\n"],
+    )
     assert events == [C("Run:")] and reason == "stop"
     text = '<tool_call>\n{"name": "bash", "arguments": {"command": "x```y"}}\n</tool_call>\n\nDone.``` more'
     events, reason = parse(THINK, text, stop=["```"])
-    assert events == [S(0, "bash"), A(0, '{"command": "x```y"}'), C("Done.")] and reason == "tool_calls"
+    assert (
+        events == [S(0, "bash"), A(0, '{"command": "x```y"}'), C("Done.")]
+        and reason == "tool_calls"
+    )
 
 
 # -- tool calls: json_tools (Qwen2.5 / Qwen3 / Hermes) ---------------------------
@@ -187,19 +246,33 @@ def test_single_call():
 
 def test_two_parallel_calls():
     events, reason = parse(THINK, CALL + "\n" + CALL2)
-    assert events == [S(0, "bash"), A(0, '{"command": "echo MARKER-1"}'), S(1, "get_weather"), A(1, '{"city": "Paris", "days": 3}')]
+    assert events == [
+        S(0, "bash"),
+        A(0, '{"command": "echo MARKER-1"}'),
+        S(1, "get_weather"),
+        A(1, '{"city": "Paris", "days": 3}'),
+    ]
     assert arguments(events) == {0: {"command": "echo MARKER-1"}, 1: {"city": "Paris", "days": 3}}
 
 
 def test_text_then_call_and_text_after():
     events, reason = parse(THINK, "Let me check.\n\n" + CALL + "\n\nDone.")
-    assert events == [C("Let me check."), S(0, "bash"), A(0, '{"command": "echo MARKER-1"}'), C("Done.")]
+    assert events == [
+        C("Let me check."),
+        S(0, "bash"),
+        A(0, '{"command": "echo MARKER-1"}'),
+        C("Done."),
+    ]
     assert reason == "tool_calls"
 
 
 def test_reasoning_then_call():
     events, reason = parse(THINK, "<think>I should call a tool.</think>\n" + CALL)
-    assert events == [R("I should call a tool."), S(0, "bash"), A(0, '{"command": "echo MARKER-1"}')]
+    assert events == [
+        R("I should call a tool."),
+        S(0, "bash"),
+        A(0, '{"command": "echo MARKER-1"}'),
+    ]
 
 
 def test_call_streams_arguments_and_holds_the_closing_brace():
@@ -215,7 +288,12 @@ def test_call_streams_arguments_and_holds_the_closing_brace():
 
 
 def test_nested_and_tricky_arguments():
-    args = {"code": 'print("}{")\n', "list": [1, {"a": None}], "s": "</tool_call> inside a string", "u": "é\\"}
+    args = {
+        "code": 'print("}{")\n',
+        "list": [1, {"a": None}],
+        "s": "</tool_call> inside a string",
+        "u": "é\\",
+    }
     text = '<tool_call>\n{"name": "bash", "arguments": ' + json.dumps(args) + "}\n</tool_call>"
     events, reason = parse(THINK, text, markup_allowed=True)
     assert arguments(events) == {0: args} and reason == "tool_calls"
@@ -251,13 +329,21 @@ def test_malformed_arguments_after_the_name_keep_the_call_unparseable(caplog):
     assert "broken" in caplog.text
     # a good call beside it still makes the response a tool call
     events, reason = parse(THINK, text + "\n" + CALL2)
-    assert events[2:] == [S(1, "get_weather"), A(1, '{"city": "Paris", "days": 3}')] and reason == "tool_calls"
+    assert (
+        events[2:] == [S(1, "get_weather"), A(1, '{"city": "Paris", "days": 3}')]
+        and reason == "tool_calls"
+    )
 
 
 def test_call_cut_by_length(caplog):
     with caplog.at_level(logging.WARNING, logger="mlxd.output"):
-        assert parse(THINK, '<tool_call>\n{"name": "ba', "length", markup_allowed=True) == ([C('<tool_call>\n{"name": "ba')], "length")
-        events, reason = parse(THINK, 'Ok.\n<tool_call>\n{"name": "bash", "arguments": {"command": "ec', "length")
+        assert parse(THINK, '<tool_call>\n{"name": "ba', "length", markup_allowed=True) == (
+            [C('<tool_call>\n{"name": "ba')],
+            "length",
+        )
+        events, reason = parse(
+            THINK, 'Ok.\n<tool_call>\n{"name": "bash", "arguments": {"command": "ec', "length"
+        )
     assert (events, reason) == ([C("Ok."), S(0, "bash"), A(0, '{"command": "ec')], "length")
     assert "generation ended (length)" in caplog.text
     # arguments complete, end marker cut: the call is complete
@@ -265,7 +351,10 @@ def test_call_cut_by_length(caplog):
 
 
 def test_lone_start_marker_at_the_end_is_content():
-    assert parse(THINK, "Hi <tool_call>\n", markup_allowed=True) == ([C("Hi <tool_call>\n")], "stop")
+    assert parse(THINK, "Hi <tool_call>\n", markup_allowed=True) == (
+        [C("Hi <tool_call>\n")],
+        "stop",
+    )
 
 
 def test_parallel_tool_calls_false_keeps_the_first():
@@ -281,16 +370,60 @@ def test_tool_choice_none_and_no_tools_leave_markup_as_content():
 @pytest.mark.parametrize(
     "name, tool_choice, prefix, generated, expected",
     [
-        ("json_tools", "required", "<tool_call>\n", CALL[len("<tool_call>\n") :], [S(0, "bash"), A(0, '{"command": "echo MARKER-1"}')]),
-        ("json_tools", {"type": "function", "function": {"name": "get_weather"}}, '<tool_call>\n{"name": "get_weather", "arguments": ', '{"city": "Oslo"}}\n</tool_call>', [S(0, "get_weather"), A(0, '{"city": "Oslo"}')]),
-        ("llama3_json", "required", '{"name": "', 'bash", "parameters": {"command": "ls"}}', [S(0, "bash"), A(0, '{"command": "ls"}')]),
-        ("llama3_json", {"type": "function", "function": {"name": "bash"}}, '{"name": "bash", "parameters": ', '{"command": "ls"}}', [S(0, "bash"), A(0, '{"command": "ls"}')]),
-        ("mistral", {"type": "function", "function": {"name": "bash"}}, "[TOOL_CALLS]bash[ARGS]", '{"command": "ls"}', [S(0, "bash"), A(0, '{"command": "ls"}')]),
-        ("qwen3_coder", {"type": "function", "function": {"name": "bash"}}, "<tool_call>\n<function=bash>\n", "<parameter=command>\nls\n</parameter>\n</function>\n</tool_call>", [S(0, "bash"), A(0, '{"command": "ls"}')]),
-        ("harmony", {"type": "function", "function": {"name": "bash"}}, "<|channel|>commentary to=functions.bash <|constrain|>json<|message|>", '{"command": "ls"}', [S(0, "bash"), A(0, '{"command": "ls"}')]),
+        (
+            "json_tools",
+            "required",
+            "<tool_call>\n",
+            CALL[len("<tool_call>\n") :],
+            [S(0, "bash"), A(0, '{"command": "echo MARKER-1"}')],
+        ),
+        (
+            "json_tools",
+            {"type": "function", "function": {"name": "get_weather"}},
+            '<tool_call>\n{"name": "get_weather", "arguments": ',
+            '{"city": "Oslo"}}\n</tool_call>',
+            [S(0, "get_weather"), A(0, '{"city": "Oslo"}')],
+        ),
+        (
+            "llama3_json",
+            "required",
+            '{"name": "',
+            'bash", "parameters": {"command": "ls"}}',
+            [S(0, "bash"), A(0, '{"command": "ls"}')],
+        ),
+        (
+            "llama3_json",
+            {"type": "function", "function": {"name": "bash"}},
+            '{"name": "bash", "parameters": ',
+            '{"command": "ls"}}',
+            [S(0, "bash"), A(0, '{"command": "ls"}')],
+        ),
+        (
+            "mistral",
+            {"type": "function", "function": {"name": "bash"}},
+            "[TOOL_CALLS]bash[ARGS]",
+            '{"command": "ls"}',
+            [S(0, "bash"), A(0, '{"command": "ls"}')],
+        ),
+        (
+            "qwen3_coder",
+            {"type": "function", "function": {"name": "bash"}},
+            "<tool_call>\n<function=bash>\n",
+            "<parameter=command>\nls\n</parameter>\n</function>\n</tool_call>",
+            [S(0, "bash"), A(0, '{"command": "ls"}')],
+        ),
+        (
+            "harmony",
+            {"type": "function", "function": {"name": "bash"}},
+            "<|channel|>commentary to=functions.bash <|constrain|>json<|message|>",
+            '{"command": "ls"}',
+            [S(0, "bash"), A(0, '{"command": "ls"}')],
+        ),
     ],
 )
-def test_forced_prefix_starts_the_parser_inside_the_call(name, tool_choice, prefix, generated, expected):
+def test_forced_prefix_starts_the_parser_inside_the_call(
+    name, tool_choice, prefix, generated, expected
+):
     fmt = output_format(name)
     assert forced_prefix(fmt, tool_choice, TOOLS) == prefix
     assert parse(fmt, generated, tool_choice=tool_choice, prefix=prefix) == (expected, "tool_calls")
@@ -318,35 +451,60 @@ MISTRAL = output_format("mistral")
 
 def test_llama3_json_whole_response_call():
     text = '{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}'
-    assert parse(LLAMA, text) == ([S(0, "get_weather"), A(0, '{"city": "Paris", "days": 3}')], "tool_calls")
+    assert parse(LLAMA, text) == (
+        [S(0, "get_weather"), A(0, '{"city": "Paris", "days": 3}')],
+        "tool_calls",
+    )
 
 
 def test_llama3_json_python_tag_type_function_and_several_calls():
     text = '<|python_tag|>{"type": "function", "name": "bash", "parameters": {"command": "ls"}}; {"name": "get_weather", "parameters": {"city": "Oslo"}}'
     events, reason = parse(LLAMA, text)
-    assert events == [S(0, "bash"), A(0, '{"command": "ls"}'), S(1, "get_weather"), A(1, '{"city": "Oslo"}')]
+    assert events == [
+        S(0, "bash"),
+        A(0, '{"command": "ls"}'),
+        S(1, "get_weather"),
+        A(1, '{"city": "Oslo"}'),
+    ]
 
 
 def test_llama3_json_text_and_other_json_stay_content():
     assert parse(LLAMA, "The answer is {x}.") == ([C("The answer is {x}.")], "stop")
-    assert parse(LLAMA, '{"result": 5} is it', markup_allowed=True) == ([C('{"result": 5} is it')], "stop")
-    assert parse(LLAMA, '{"name": "bash", "parameters": {"command": "ls"}}\n\nDone.')[0][-1] == C("Done.")
+    assert parse(LLAMA, '{"result": 5} is it', markup_allowed=True) == (
+        [C('{"result": 5} is it')],
+        "stop",
+    )
+    assert parse(LLAMA, '{"name": "bash", "parameters": {"command": "ls"}}\n\nDone.')[0][-1] == C(
+        "Done."
+    )
 
 
 def test_mistral_name_args_calls():
     text = '[TOOL_CALLS]bash[ARGS]{"command": "ls"}[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}'
     events, reason = parse(MISTRAL, text)
-    assert (events, reason) == ([S(0, "bash"), A(0, '{"command": "ls"}'), S(1, "get_weather"), A(1, '{"city": "Oslo"}')], "tool_calls")
+    assert (events, reason) == (
+        [S(0, "bash"), A(0, '{"command": "ls"}'), S(1, "get_weather"), A(1, '{"city": "Oslo"}')],
+        "tool_calls",
+    )
 
 
 def test_mistral_json_list_calls():
     text = 'Sure. [TOOL_CALLS] [{"name": "bash", "arguments": {"command": "ls"}, "id": "abcDEF123"}, {"name": "get_weather", "arguments": {"city": "Oslo"}}]'
     events, reason = parse(MISTRAL, text)
-    assert events == [C("Sure."), S(0, "bash"), A(0, '{"command": "ls"}'), S(1, "get_weather"), A(1, '{"city": "Oslo"}')]
+    assert events == [
+        C("Sure."),
+        S(0, "bash"),
+        A(0, '{"command": "ls"}'),
+        S(1, "get_weather"),
+        A(1, '{"city": "Oslo"}'),
+    ]
 
 
 def test_mistral_garbage_after_marker_is_content():
-    assert parse(MISTRAL, "[TOOL_CALLS] hello there", markup_allowed=True) == ([C("[TOOL_CALLS] hello there")], "stop")
+    assert parse(MISTRAL, "[TOOL_CALLS] hello there", markup_allowed=True) == (
+        [C("[TOOL_CALLS] hello there")],
+        "stop",
+    )
 
 
 def test_qwen3_coder_xml_call_comes_whole():
@@ -371,11 +529,18 @@ def test_qwen3_coder_malformed_and_cut_calls_are_content(caplog):
 
 
 def test_glm47_and_pythonic_calls():
-    glm = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Oslo</arg_value>\n</tool_call>"
+    glm = (
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Oslo</arg_value>\n</tool_call>"
+    )
     assert parse(output_format("glm47"), glm)[0] == [S(0, "get_weather"), A(0, '{"city": "Oslo"}')]
     lfm = '<|tool_call_start|>[get_weather(city="Oslo"), bash(command="ls")]<|tool_call_end|>'
     events, _ = parse(output_format("pythonic"), lfm)
-    assert events == [S(0, "get_weather"), A(0, '{"city": "Oslo"}'), S(1, "bash"), A(1, '{"command": "ls"}')]
+    assert events == [
+        S(0, "get_weather"),
+        A(0, '{"city": "Oslo"}'),
+        S(1, "bash"),
+        A(1, '{"command": "ls"}'),
+    ]
 
 
 def test_any_mlx_lm_parser_module_works_whole():
@@ -398,8 +563,13 @@ def test_harmony_call_after_reasoning():
         "<|channel|>analysis<|message|>Need the weather.<|end|>"
         '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "SF"}<|call|>'
     )
-    assert parse(HARMONY, text) == ([R("Need the weather."), S(0, "get_weather"), A(0, '{"city": "SF"}')], "tool_calls")
-    text = '<|start|>assistant to=functions.bash<|channel|>commentary json<|message|>{"command": "ls"}'
+    assert parse(HARMONY, text) == (
+        [R("Need the weather."), S(0, "get_weather"), A(0, '{"city": "SF"}')],
+        "tool_calls",
+    )
+    text = (
+        '<|start|>assistant to=functions.bash<|channel|>commentary json<|message|>{"command": "ls"}'
+    )
     assert parse(HARMONY, text)[0] == [S(0, "bash"), A(0, '{"command": "ls"}')]
 
 
@@ -408,21 +578,31 @@ def test_harmony_in_reasoning_and_cut_header():
     parser.feed("<|channel|>analysis<|message|>Hm")
     assert parser.in_reasoning
     text = "<|channel|>analysis<|message|>Hm.<|end|><|start|>assistant<|channel|>fin"
-    assert parse(HARMONY, text, "length", markup_allowed=True) == ([R("Hm."), C("<|start|>assistant<|channel|>fin")], "length")
+    assert parse(HARMONY, text, "length", markup_allowed=True) == (
+        [R("Hm."), C("<|start|>assistant<|channel|>fin")],
+        "length",
+    )
 
 
 # -- format parsers and detection ---------------------------------------------------
 
 
 def test_format_parsers():
-    assert parse_json_calls('<|python_tag|>{"name": "a", "parameters": {"x": 1}}') == {"name": "a", "arguments": {"x": 1}}
-    assert parse_json_calls('[{"name": "a", "arguments": {}}, {"name": "b", "arguments": "{}"}]') == [
+    assert parse_json_calls('<|python_tag|>{"name": "a", "parameters": {"x": 1}}') == {
+        "name": "a",
+        "arguments": {"x": 1},
+    }
+    assert parse_json_calls(
+        '[{"name": "a", "arguments": {}}, {"name": "b", "arguments": "{}"}]'
+    ) == [
         {"name": "a", "arguments": {}},
         {"name": "b", "arguments": {}},
     ]
     with pytest.raises(ValueError):
         parse_json_calls('{"foo": 1}')
-    assert parse_harmony_call('<|channel|>commentary to=functions.bash <|constrain|>json<|message|>{"command": "ls"}') == {"name": "bash", "arguments": {"command": "ls"}}
+    assert parse_harmony_call(
+        '<|channel|>commentary to=functions.bash <|constrain|>json<|message|>{"command": "ls"}'
+    ) == {"name": "bash", "arguments": {"command": "ls"}}
 
 
 def _wrapper(tmp_path, template: str, tokens: list[str]):
@@ -438,22 +618,40 @@ def _wrapper(tmp_path, template: str, tokens: list[str]):
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.add_special_tokens(tokens)
     tokenizer.save(str(tmp_path / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>", "chat_template": template}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<unk>",
+        "chat_template": template,
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     return load(Path(tmp_path))
 
 
 def test_output_format_for_reads_the_tokenizer_wrapper(tmp_path):
     qwen = "{% for m in messages %}{{ m.content }}{% endfor %}{% for tool_call in m.tool_calls %}<tool_call>{{ tool_call.name }}</tool_call>{% endfor %}"
-    fmt = output_format_for(_wrapper(tmp_path / "q", qwen, ["<tool_call>", "</tool_call>", "<think>", "</think>"]))
-    assert (fmt.name, fmt.think_start, fmt.think_end, fmt.tool_call_start, fmt.tool_call_end) == ("json_tools", "<think>", "</think>", "<tool_call>", "</tool_call>")
+    fmt = output_format_for(
+        _wrapper(tmp_path / "q", qwen, ["<tool_call>", "</tool_call>", "<think>", "</think>"])
+    )
+    assert (fmt.name, fmt.think_start, fmt.think_end, fmt.tool_call_start, fmt.tool_call_end) == (
+        "json_tools",
+        "<think>",
+        "</think>",
+        "<tool_call>",
+        "</tool_call>",
+    )
     assert fmt.tool_parser('{"name": "a", "arguments": {}}') == {"name": "a", "arguments": {}}
 
     llama = '{{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.\' }}'
     fmt = output_format_for(_wrapper(tmp_path / "l", llama, ["<|python_tag|>", "<|eot_id|>"]))
-    assert (fmt.name, fmt.think_start, fmt.tool_call_start) == ("llama3_json", None, "<|python_tag|>")
+    assert (fmt.name, fmt.think_start, fmt.tool_call_start) == (
+        "llama3_json",
+        None,
+        "<|python_tag|>",
+    )
 
-    wrapper = _wrapper(tmp_path / "h", "{{ messages }}", ["<|start|>", "<|channel|>", "<|message|>", "<|end|>"])
+    wrapper = _wrapper(
+        tmp_path / "h", "{{ messages }}", ["<|start|>", "<|channel|>", "<|message|>", "<|end|>"]
+    )
     assert output_format_for(wrapper).name == "harmony"
     assert output_format_for(wrapper, tool_format="json_tools").name == "json_tools"
 
@@ -469,15 +667,48 @@ def test_harmony_text_that_is_no_header_is_content():
 
 
 PIECES = [
-    "<tool_call>", "</tool_call>", "<think>", "</think>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>",
-    "<|channel|>", "<|message|>", "<|end|>", "<|start|>", "analysis", "commentary to=functions.bash",
-    "<function=bash>", "</function>", "<parameter=command>", "</parameter>",
-    '{"name": "bash", "arguments": ', '{"name": "bash", "parameters": ', '{"command": "ls"}',
-    "\n", " ", "{", "}", "[", "]", '"', "\\", ":", ",", ";", "bash", "hello", "STOP", "<", "</",
+    "<tool_call>",
+    "</tool_call>",
+    "<think>",
+    "</think>",
+    "[TOOL_CALLS]",
+    "[ARGS]",
+    "<|python_tag|>",
+    "<|channel|>",
+    "<|message|>",
+    "<|end|>",
+    "<|start|>",
+    "analysis",
+    "commentary to=functions.bash",
+    "<function=bash>",
+    "</function>",
+    "<parameter=command>",
+    "</parameter>",
+    '{"name": "bash", "arguments": ',
+    '{"name": "bash", "parameters": ',
+    '{"command": "ls"}',
+    "\n",
+    " ",
+    "{",
+    "}",
+    "[",
+    "]",
+    '"',
+    "\\",
+    ":",
+    ",",
+    ";",
+    "bash",
+    "hello",
+    "STOP",
+    "<",
+    "</",
 ]
 
 
-@pytest.mark.parametrize("name", ["json_tools", "llama3_json", "mistral", "qwen3_coder", "harmony", "pythonic"])
+@pytest.mark.parametrize(
+    "name", ["json_tools", "llama3_json", "mistral", "qwen3_coder", "harmony", "pythonic"]
+)
 def test_random_mixtures_never_raise_and_do_not_depend_on_splits(name):
     fmt = output_format(name, "<think>", "</think>")
     logging.getLogger("mlxd.output").disabled = True
@@ -485,7 +716,14 @@ def test_random_mixtures_never_raise_and_do_not_depend_on_splits(name):
         for seed in range(25):
             rng = random.Random(seed)
             text = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 20)))
-            options = rng.choice([{}, {"stop": ["STOP"]}, {"parallel_tool_calls": False}, {"starts_in_reasoning": True}])
+            options = rng.choice(
+                [
+                    {},
+                    {"stop": ["STOP"]},
+                    {"parallel_tool_calls": False},
+                    {"starts_in_reasoning": True},
+                ]
+            )
             for reason in ("stop", "length"):
                 events, finish_reason = parse(fmt, text, reason, markup_allowed=True, **options)
                 assert finish_reason in (reason, "tool_calls")

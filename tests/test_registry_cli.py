@@ -22,14 +22,6 @@ from tests.fakehub import FakeHub, write_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CODER = "mlx-community/Qwen2.5-Coder-0.5B-Instruct-4bit"
-MAIN = (
-    "import argparse, sys\n"
-    "from server import registry_cli\n"
-    "parser = argparse.ArgumentParser(prog='mlxd')\n"
-    "registry_cli.add_parsers(parser.add_subparsers(required=True))\n"
-    "args = parser.parse_args()\n"
-    "sys.exit(args.func(args))\n"
-)
 
 
 def unused_port() -> int:
@@ -39,7 +31,7 @@ def unused_port() -> int:
 
 
 class Mlxd:
-    """Runs the registry commands in a subprocess against one HF home."""
+    """Runs `mlxd` commands in a subprocess against one HF home."""
 
     def __init__(self, endpoint: str, hf_home: Path):
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
@@ -50,7 +42,7 @@ class Mlxd:
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-c", MAIN, *args],
+            [sys.executable, "-m", "server.cli", *args],
             cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
 

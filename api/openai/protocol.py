@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Open(BaseModel):
@@ -112,3 +112,15 @@ class ChatCompletionRequest(_Open):
             if not -100 <= bias <= 100:
                 raise ValueError("logit_bias values must be between -100 and 100")
         return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_needs_tools(cls, choice, info: ValidationInfo):
+        if choice is None or choice in ("auto", "none"):
+            return choice
+        names = {t.function.name for t in info.data.get("tools") or []}
+        if not names:
+            raise ValueError("tool_choice requires tools")
+        if not isinstance(choice, str) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names function {choice.function.name!r}, which is not in tools")
+        return choice
