@@ -1,11 +1,11 @@
 """`mlxd opencode`: the provider block that points opencode at mlxd, printed or merged into its config.
 
 opencode never asks a server for its models (it does not call /v1/models), so each
-model must be listed with its context window: without `limit`, opencode assumes a
-32,000-token output reserve and compacts a 32k-context conversation at every turn.
-It reserves `limit.output` of the window for the answer and compacts the chat once
-the rest is full, so the reserve is a quarter of the window, at most opencode's own
-cap of 32,000 tokens.
+model is listed here with its context window: without `limit.context` opencode never
+compacts a conversation, and a long session ends in mlxd's context_length_exceeded.
+opencode asks for `limit.output` tokens per answer (its `max_tokens`) and compacts once
+less than that is left free, so the output limit is a quarter of the window, at most
+opencode's own cap of 32,000.
 """
 
 from __future__ import annotations
@@ -117,6 +117,8 @@ def write_config(path: Path, block: dict) -> Path | None:
     config, backup = {}, None
     if path.exists():
         config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
         backup = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
         shutil.copy2(path, backup)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     block = provider_block(models, f"http://{args.host}:{args.port}/v1")
     if not args.write:
-        print(json.dumps({"$schema": SCHEMA, "provider": {PROVIDER_ID: block}}, indent=2))
+        print(json.dumps(merged_config({}, block), indent=2))  # what --write gives a new user
         return 0
     path = config_path()
     try:

@@ -130,6 +130,7 @@ def test_print_shows_a_whole_config_and_writes_nothing(cache, config_home, capsy
     block = printed["provider"]["mlxd"]
     assert block["options"]["baseURL"] == "http://127.0.0.1:9000/v1"
     assert list(block["models"]) == ["qwen2.5-coder:0.5b-4bit", TINY]
+    assert printed["model"] == "mlxd/qwen2.5-coder:0.5b-4bit"
     assert not config_home.exists()
 
 
