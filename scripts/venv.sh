@@ -10,8 +10,12 @@ if [ ! -x "$venv/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-    echo "mlxd: installing mlxd and its dependencies (first run only)" >&2
-    "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
-    "$venv/bin/python" -m pip install --quiet -e "$root[test]" >&2
+    echo "mlxd: installing mlxd and its dependencies into $venv (log: $venv/install.log)" >&2
+    if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -e "$root[test]"; } \
+        > "$venv/install.log" 2>&1; then
+        tail -n 40 "$venv/install.log" >&2
+        echo "mlxd: installation failed; the full log is $venv/install.log" >&2
+        exit 1
+    fi
     echo "$want" > "$stamp"
 fi

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import registry
 
-from . import doctor, registry_cli
+from . import doctor, opencode, registry_cli
 from .blas import describe, setup_blas
 
 log = logging.getLogger("mlxd")
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     registry_cli.add_parsers(sub)
     doctor.add_parser(sub)
+    opencode.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,82 @@
+"""What the real-client tests share: the pinned Node clients, and mlxd's own record of each request.
+
+`node_modules()` installs opencode, the AI SDK and openai-node at the versions of the
+committed lock, only when the lock changed since the last install, so the ~400 MB of
+node_modules (opencode's binaries) stay cached between runs. It runs `npm install
+--no-save`, not `npm ci`: the lock holds only the opencode binaries the registry had
+for Linux x64, and `npm ci` refuses a lock without every platform's optional package.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+CLIENTS = Path(__file__).resolve().parent
+NODE_MODULES = CLIENTS / "node_modules"
+# The oldest Node the pinned packages support (their `engines`); Debian 12's apt has 18.
+MIN_NODE_MAJOR = 18
+INSTALL_TIMEOUT_S = 600
+_DONE = re.compile(
+    r"request done \((\w+)\): prompt (\d+) tokens \((\d+) cached\), completion (\d+) tokens"
+)
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One finished request as the server logged it: the usage it reported."""
+
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+def logged_requests(log: str) -> list[LoggedRequest]:
+    """The server's `request done (...)` log lines, in order."""
+    return [
+        LoggedRequest(m.group(1), *map(int, m.group(2, 3, 4))) for m in _DONE.finditer(log)
+    ]
+
+
+def _lock_digest() -> str:
+    return hashlib.sha256((CLIENTS / "package-lock.json").read_bytes()).hexdigest()
+
+
+def _node_major(node: str) -> int:
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout
+    match = re.match(r"v(\d+)\.", version.strip())
+    return int(match.group(1)) if match else 0
+
+
+@functools.cache
+def node_modules() -> Path:
+    """Skip the calling test without node/npm; else install if the lock changed, and return node_modules."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        pytest.skip("node and npm are needed for the client tests (apt-get install nodejs npm)")
+    if _node_major(node) < MIN_NODE_MAJOR:
+        pytest.skip(f"the client tests need Node >= {MIN_NODE_MAJOR}")
+    stamp = NODE_MODULES / ".mlxd-lock-sha256"
+    with open(CLIENTS / ".install.lock", "w") as lock:  # one installer at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not stamp.exists() or stamp.read_text() != _lock_digest():
+            result = subprocess.run(
+                [npm, "install", "--no-save", "--no-audit", "--no-fund", "--loglevel=error"],
+                cwd=CLIENTS,
+                capture_output=True,
+                text=True,
+                timeout=INSTALL_TIMEOUT_S,
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"npm install failed in {CLIENTS}:\n{result.stdout}\n{result.stderr}")
+            stamp.write_text(_lock_digest())
+    return NODE_MODULES
