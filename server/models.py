@@ -81,11 +81,10 @@ def load_model(name: str, path: Path, trust_remote_code: bool = False) -> Loaded
         load_seconds=seconds,
     )
     log.info(
-        "loaded model %s in %.2f s (%.1f MB, context %d tokens, tool parser %s)",
+        "loaded model %s in %.2f s (%.1f MB, context %d tokens)",
         name,
         seconds,
         loaded.nbytes / 1e6,
         loaded.context_length,
-        tokenizer.init_kwargs.get("tool_parser_type") if hasattr(tokenizer, "init_kwargs") else None,
     )
     return loaded

@@ -13,6 +13,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from scripts.testmodels import build_scripted_model
+from tests.chat_helpers import (
+    assembled_calls,
+    assert_arguments_never_complete_early,
+    assert_first_deltas_announce_calls,
+    content_of,
+    finish_reasons,
+    tool_deltas,
+)
 from tests.server_process import ServerProcess
 
 BASH_CALL = '<tool_call>\n{"name": "bash", "arguments": {"command": "echo MARKER-1", "description": "Print a marker"}}\n</tool_call>'
@@ -25,8 +33,10 @@ SCRIPTS = {
     "garbled": dict(script="<tool_call>\nbash -c 'echo oops'\n</tool_call>"),
     # Models that continue a forced prefix: they write what follows "<tool_call>\n",
     # or what follows '<tool_call>\n{"name": "bash", "arguments": '.
-    "after-required": dict(script='{"name": "bash", "arguments": {"command": "echo MARKER-1", "description": "Print a marker"}}\n</tool_call>'),
-    "after-named": dict(script='{"command": "echo MARKER-1", "description": "Print a marker"}}\n</tool_call>'),
+    "after-required": dict(script='{"name": "bash", "arguments": {"command": "echo MARKER-1", "description": "Print a marker"}}\n</tool_call>',
+                           prompt_suffix="<tool_call>\n"),
+    "after-named": dict(script='{"command": "echo MARKER-1", "description": "Print a marker"}}\n</tool_call>',
+                        prompt_suffix='<tool_call>\n{"name": "bash", "arguments": '),
     "thinker": dict(script="<think>I should call a tool.</think>\n" + BASH_CALL, template="qwen3"),
 }
 MARKUP = ("<tool_call>", "</tool_call>", "<think>", "</think>", "<|im_end|>")
@@ -92,57 +102,11 @@ def stream(server, model, **kwargs):
     return chunks, chunks[-1].usage
 
 
-def tool_deltas(chunks):
-    return [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-
-
-def content_of(chunks):
-    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-
-
-def finish_reasons(chunks):
-    return [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-
-
-def assembled_calls(chunks) -> dict[int, dict]:
-    """Assemble calls the way the OpenAI SDK's helpers and the AI SDK do: by index."""
-    calls: dict[int, dict] = {}
-    for tc in tool_deltas(chunks):
-        call = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
-        if tc.id:
-            call["id"] = tc.id
-        if tc.function and tc.function.name:
-            call["name"] += tc.function.name
-        if tc.function and tc.function.arguments:
-            call["arguments"] += tc.function.arguments
-    return calls
-
-
 def assert_no_markup(chunks):
     for c in chunks:
         if c.choices:
             for marker in MARKUP:
                 assert marker not in (c.choices[0].delta.content or "")
-
-
-def assert_first_deltas_announce_calls(chunks):
-    seen = set()
-    for tc in tool_deltas(chunks):
-        if tc.index not in seen:
-            seen.add(tc.index)
-            assert re.fullmatch(r"[A-Za-z0-9]{9}", tc.id)
-            assert tc.type == "function"
-            assert tc.function.name
-        else:
-            assert tc.id is None and not tc.function.name
-
-
-def assert_arguments_never_complete_early(chunks, index):
-    fragments = [tc.function.arguments or "" for tc in tool_deltas(chunks) if tc.index == index]
-    for n in range(1, len(fragments)):
-        partial = "".join(fragments[:n])
-        with pytest.raises(json.JSONDecodeError):
-            json.loads(partial)
 
 
 def test_single_call_streams_as_tool_call_deltas(tool_server, tool_models):

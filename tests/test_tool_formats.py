@@ -23,7 +23,7 @@ from scripts.testmodels import FAMILIES, build_scripted_model
 from server import output, tool_formats
 from tests.conftest import ground_truth_prompt_tokens
 from tests.server_process import ServerProcess
-from tests.test_tool_calls import (
+from tests.chat_helpers import (
     assembled_calls,
     assert_arguments_never_complete_early,
     assert_first_deltas_announce_calls,
