@@ -285,8 +285,7 @@ class Engine:
                 log.exception("loading %s failed", ref.name)
                 raise ModelLoadFailed(f"model {ref.name!r} could not be loaded: {e}") from e
             fmt = output_format_for(lm.tokenizer, tool_format=ref.tool_format)
-            log.info("model %s: tool-call format %s, reasoning %s", ref.name, fmt.name or "none",
-                     f"{fmt.think_start}...{fmt.think_end}" if fmt.think_start else "none")
+            log.info("model %s: tool-call format %s", ref.name, fmt.name or "none")
             self._loaded[ref.name] = lm
         self._loaded.move_to_end(ref.name)
         if self._current is not lm:
