@@ -19,6 +19,7 @@ import pytest
 
 from server.events import ContentDelta, ReasoningDelta, ToolCallArguments, ToolCallStart
 from server.output import (
+    _coalesce,
     OutputFormat,
     OutputParser,
     forced_prefix,
@@ -118,22 +119,8 @@ def check_run(events: list, markup_allowed: bool) -> None:
 
 
 def normalize(events: list) -> list:
-    merged = []
-    for e in events:
-        if isinstance(e, ToolCallStart):
-            e = ToolCallStart(e.index, "ID", e.name)
-        last = merged[-1] if merged else None
-        if isinstance(e, (ContentDelta, ReasoningDelta)) and type(last) is type(e):
-            merged[-1] = type(e)(last.text + e.text)
-        elif (
-            isinstance(e, ToolCallArguments)
-            and isinstance(last, ToolCallArguments)
-            and last.index == e.index
-        ):
-            merged[-1] = A(e.index, last.fragment + e.fragment)
-        else:
-            merged.append(e)
-    return merged
+    """Events with ids blanked and neighbouring deltas merged, so splits compare equal."""
+    return _coalesce([ToolCallStart(e.index, "ID", e.name) if isinstance(e, ToolCallStart) else e for e in events])
 
 
 def parse(
