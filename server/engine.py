@@ -124,8 +124,10 @@ class _Active:
     detokenizer: Any
     parser: OutputParser
     usage: Usage
-    prompt: list[int]
-    checkpoints: list[str]
+    # Prompt-cache checkpoints still ahead in the prefill: token offset -> kind.
+    checkpoints: dict[int, str]
+    # Prompt tokens in the sequence's cache so far (cached, then prefilled).
+    prompt_read: int
     started_at: float
     first_token_at: Optional[float] = None
 
@@ -354,7 +356,7 @@ class Engine:
 
         cache, rest = _fetch_cache(self._prompt_cache, lm.name, prompt.tokens)
         n_cached = n_prompt - len(rest)
-        segments, checkpoints = _segments(prompt.tokens, prompt.boundaries, n_cached)
+        checkpoints = {n: kind for n, kind in prompt.checkpoints.items() if n > n_cached}
 
         sampling = _effective_sampling(req.sampling, lm.sampling_defaults)
         if req.sampling.seed is not None:
@@ -373,7 +375,7 @@ class Engine:
             frequency_penalty=req.sampling.frequency_penalty,
         )
         (uid,) = self._batch.insert_segments(
-            segments=[segments],
+            segments=[_segments(prompt.tokens, n_cached, checkpoints)],
             max_tokens=[max_tokens],
             caches=[cache],
             all_tokens=[prompt.tokens[:n_cached]],
@@ -395,8 +397,8 @@ class Engine:
             detokenizer=tokenizer.detokenizer,
             parser=parser,
             usage=Usage(prompt_tokens=n_prompt, cached_tokens=n_cached),
-            prompt=prompt.tokens,
             checkpoints=checkpoints,
+            prompt_read=n_cached,
             started_at=time.perf_counter(),
         )
         lm.last_used = time.monotonic()
@@ -419,6 +421,10 @@ class Engine:
         if not self._active:
             return
         prompt_responses, gen_responses = self._batch.next()
+        for r in prompt_responses:
+            if r.uid in self._active:
+                active = self._active[r.uid]
+                active.prompt_read = active.usage.cached_tokens + r.progress[0]
         self._save_checkpoints(prompt_responses)
         for r in gen_responses:
             active = self._active.get(r.uid)
@@ -436,13 +442,18 @@ class Engine:
         for uid in gone:
             active = self._active.pop(uid)
             self._release(active.handle, None)
-            log.info("request cancelled by the client after %d tokens", active.usage.completion_tokens)
+            log.info(
+                "request cancelled by the client after %d tokens (%d of %d prompt tokens read)",
+                active.usage.completion_tokens,
+                active.prompt_read,
+                active.usage.prompt_tokens,
+            )
 
     def _remove_from_batch(self, uids: list[int]) -> None:
-        """Take sequences out of the batch, keeping their cache for later prefix hits."""
+        """Take sequences out of the batch, keeping the cache they built for later prefix hits."""
         caches = self._batch.remove(uids, return_prompt_caches=True)
-        for cache, tokens in caches.values():
-            if tokens:
+        for uid, (cache, tokens) in caches.items():
+            if len(tokens) > self._active[uid].usage.cached_tokens:
                 self._prompt_cache.insert_cache(self._current.name, list(tokens), cache)
         self._trim_prompt_cache()
 
@@ -451,13 +462,13 @@ class Engine:
         done = [
             r.uid
             for r in prompt_responses
-            if r.end_of_segment and not r.end_of_prompt and r.uid in self._active
-            and self._active[r.uid].checkpoints
+            if r.end_of_segment and r.uid in self._active
+            and self._active[r.uid].prompt_read in self._active[r.uid].checkpoints
         ]
         if not done:
             return
         for uid, (cache, tokens) in self._batch.extract_cache(done).items():
-            kind = self._active[uid].checkpoints.pop()
+            kind = self._active[uid].checkpoints.pop(len(tokens))
             self._prompt_cache.insert_cache(self._current.name, list(tokens), cache, cache_type=kind)
         self._trim_prompt_cache()
 
@@ -532,15 +543,20 @@ class Engine:
 
 
 def _fetch_cache(prompt_cache, model_name: str, tokens: list[int]):
-    """The longest cached prefix, always leaving at least one token to feed the model."""
+    """The longest cached prefix, always leaving at least one token to feed the model.
+
+    A cache that cannot be trimmed (rotating, recurrent) cannot give back its
+    last token, so a prompt it covers whole resumes from a shorter checkpoint.
+    """
     from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
     cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens)
     if cache is not None and not rest:
-        if not can_trim_prompt_cache(cache):
-            return None, tokens
-        trim_prompt_cache(cache, 1)
-        rest = tokens[-1:]
+        if can_trim_prompt_cache(cache):
+            trim_prompt_cache(cache, 1)
+            return cache, tokens[-1:]
+        cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens[:-1])
+        rest = rest + tokens[-1:]
     return cache, rest
 
 
@@ -548,21 +564,12 @@ def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def _segments(tokens: list[int], boundaries: list[int], n_cached: int):
-    """Split the uncached part of the prompt at message boundaries for checkpointing.
-
-    Returns the segments and, for each segment end that gets a checkpoint, the
-    cache type (popped from the end as segments complete).
-    """
-    cuts = [b for b in boundaries if b > n_cached] + [len(tokens)]
-    segments, start = [], n_cached
-    for cut in cuts:
-        if cut > start:
-            segments.append(tokens[start:cut])
-            start = cut
-    # Only inner boundaries are checkpointed; the end of the prompt is saved at finish.
-    checkpoints = ["user"] * (len(segments) - 1)
-    return segments, checkpoints
+def _segments(tokens: list[int], n_cached: int, checkpoints: dict[int, str]) -> list[list[int]]:
+    """The uncached part of the prompt, cut at the checkpoints: the batch
+    generator pauses at each cut, where the engine saves the cache."""
+    cuts = sorted(checkpoints) + [len(tokens)]
+    starts = [n_cached] + cuts[:-1]
+    return [tokens[a:b] for a, b in zip(starts, cuts)]
 
 
 def _effective_sampling(sampling: SamplingParams, model_defaults: dict) -> dict:
