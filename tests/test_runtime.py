@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from pathlib import Path
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -20,7 +21,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from scripts.testmodels import build_random_model
+from scripts.testmodels import build_random_model, build_tokenizer_files
 from tests.conftest import GREETING
 from tests.server_process import ServerProcess
 
@@ -219,6 +220,63 @@ def test_title_request_between_turns_does_not_evict_the_conversation(fresh_serve
     r3 = ask(fresh_server, "greeter", turn3)
     assert cached(r3) == len(_after(greeting_model, turn2))
     assert max(common_prefix(e, prompt_ids(greeting_model.path, turn3)) for e in entries) == cached(r3)
+
+
+def build_sliding_window_model(out_dir: Path, window: int) -> Path:
+    """A random llama whose first layer attends to the last `window` tokens only.
+
+    Its RotatingKVCache cannot be trimmed once a prompt is longer than the
+    window, like Gemma's, Mistral's and gpt-oss's local layers.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    tokenizer = build_tokenizer_files(out_dir, "chatml", model_max_length=4096)
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": window,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "eos_token_id": tokenizer.token_to_id("<|im_end|>"),
+    }
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    mx.save_safetensors(str(out_dir / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return out_dir
+
+
+def test_a_cache_that_cannot_be_trimmed_resumes_at_message_checkpoints(tmp_path):
+    model = build_sliding_window_model(tmp_path / "sliding", window=32)
+    server = ServerProcess(tmp_path, ["--model", str(model)]).start()
+    try:
+        system = {"role": "system", "content": "You are a helpful assistant. Answer the user in one line. " * 4}
+        first = [system, {"role": "user", "content": "What is the capital of France?"}]
+        second = [system, {"role": "user", "content": "Please read the file, then run the tests."}]
+        ids1, ids2 = prompt_ids(model, first), prompt_ids(model, second)
+        tokenizer = _tokenizer(model)
+        system_end = len(tokenizer.apply_chat_template([system], tokenize=True, return_dict=False))
+        first_end = len(tokenizer.apply_chat_template(first, tokenize=True, return_dict=False))
+        assert 32 < system_end < common_prefix(ids1, ids2)
+
+        assert cached(ask(server, "sliding", first, max_tokens=2)) == 0
+        # The first answer's cache holds the shared prefix but cannot be cut
+        # back to it; the checkpoint at the end of the system prompt can be used.
+        assert cached(ask(server, "sliding", second, max_tokens=2)) == system_end
+        # The same prompt again resumes where its last message ended.
+        assert cached(ask(server, "sliding", first, max_tokens=2)) == first_end
+    finally:
+        server.stop()
 
 
 # Continuous batching --------------------------------------------------------
