@@ -163,6 +163,7 @@ class Engine:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._current: Optional[LoadedModel] = None
         self._batch = None
+        self._trimmable = True  # whether the current model's cache can always be cut back
         self._active: dict[int, _Active] = {}
         self._prompt_cache = None
         self._stopping = False
@@ -251,12 +252,12 @@ class Engine:
 
     def _admit_waiting(self) -> None:
         """Admit waiting requests in order; a request for another model waits for the batch to drain."""
+        for handle in [h for h in self._waiting if h.cancelled]:  # their places go to new requests
+            self._waiting.remove(handle)
+            self._release(handle, None)
+            log.info("request cancelled by the client while queued")
         while self._waiting and len(self._active) < self.max_batch_size:
             handle = self._waiting[0]
-            if handle.cancelled:
-                self._waiting.popleft()
-                self._release(handle, None)
-                continue
             model_name = handle.request.model.name
             if self._active and self._current is not None and self._current.name != model_name:
                 return
@@ -297,6 +298,7 @@ class Engine:
 
         self._close_batch()
         self._current = lm
+        self._trimmable = _cache_always_trimmable(lm.model)
         self._batch = BatchGenerator(
             lm.model,
             completion_batch_size=self.max_batch_size,
@@ -356,7 +358,14 @@ class Engine:
 
         cache, rest = _fetch_cache(self._prompt_cache, lm.name, prompt.tokens)
         n_cached = n_prompt - len(rest)
-        checkpoints = {n: kind for n, kind in prompt.checkpoints.items() if n > n_cached}
+        # A trimmable cache is saved whole at the end and serves every prefix of
+        # it, so only the system prompt is checkpointed, for requests that share
+        # it while this one runs; other caches resume at message checkpoints.
+        checkpoints = {
+            n: kind
+            for n, kind in prompt.checkpoints.items()
+            if n > n_cached and (kind == "system" or not self._trimmable)
+        }
 
         sampling = _effective_sampling(req.sampling, lm.sampling_defaults)
         if req.sampling.seed is not None:
@@ -421,11 +430,7 @@ class Engine:
         if not self._active:
             return
         prompt_responses, gen_responses = self._batch.next()
-        for r in prompt_responses:
-            if r.uid in self._active:
-                active = self._active[r.uid]
-                active.prompt_read = active.usage.cached_tokens + r.progress[0]
-        self._save_checkpoints(prompt_responses)
+        self._on_prefill(prompt_responses)
         for r in gen_responses:
             active = self._active.get(r.uid)
             if active is None:
@@ -457,17 +462,20 @@ class Engine:
                 self._prompt_cache.insert_cache(self._current.name, list(tokens), cache)
         self._trim_prompt_cache()
 
-    def _save_checkpoints(self, prompt_responses) -> None:
-        """Store the cache at message boundaries so later requests can resume there."""
-        done = [
-            r.uid
-            for r in prompt_responses
-            if r.end_of_segment and r.uid in self._active
-            and self._active[r.uid].prompt_read in self._active[r.uid].checkpoints
-        ]
-        if not done:
+    def _on_prefill(self, prompt_responses) -> None:
+        """Track how much of each prompt is read, and store the cache at its
+        checkpoints (message boundaries) so later requests can resume there."""
+        at_checkpoint = []
+        for r in prompt_responses:
+            active = self._active.get(r.uid)
+            if active is None:
+                continue
+            active.prompt_read = active.usage.cached_tokens + r.progress[0]
+            if r.end_of_segment and active.prompt_read in active.checkpoints:
+                at_checkpoint.append(r.uid)
+        if not at_checkpoint:
             return
-        for uid, (cache, tokens) in self._batch.extract_cache(done).items():
+        for uid, (cache, tokens) in self._batch.extract_cache(at_checkpoint).items():
             kind = self._active[uid].checkpoints.pop(len(tokens))
             self._prompt_cache.insert_cache(self._current.name, list(tokens), cache, cache_type=kind)
         self._trim_prompt_cache()
@@ -558,6 +566,14 @@ def _fetch_cache(prompt_cache, model_name: str, tokens: list[int]):
         cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens[:-1])
         rest = rest + tokens[-1:]
     return cache, rest
+
+
+def _cache_always_trimmable(model) -> bool:
+    """Plain KV caches can be cut back to any prefix; rotating (sliding-window)
+    and recurrent ones cannot once they are full."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
+
+    return all(type(c) in (KVCache, QuantizedKVCache) for c in make_prompt_cache(model))
 
 
 def _token_text(tokenizer, token_id: int) -> str:

@@ -9,6 +9,7 @@ scripted model its known output tokens.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -354,18 +355,39 @@ def _body(messages, **kwargs) -> dict:
     return {"model": "random-long", "messages": messages, "temperature": 0, **kwargs}
 
 
+@contextlib.contextmanager
+def _holding_the_slot(server, content: str):
+    """A stream that runs until the context is full, read up to its first token."""
+    body = _body([{"role": "user", "content": content}], stream=True)
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=WAIT_S) as held:
+        lines = held.iter_lines()  # kept: dropping it would close the stream
+        _read_until(lines, _has_content)
+        yield held
+
+
+def _race_for_the_queue_place(server, release) -> tuple[httpx.Response, httpx.Response]:
+    """While the one slot is taken, two requests race for the one queue place:
+    the answer that comes first, then, once `release()` freed the slot, the other."""
+    url = server.base_url + "/v1/chat/completions"
+    short = _body([{"role": "user", "content": "Hi."}], max_tokens=2)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(httpx.post, url, json=short, timeout=WAIT_S) for _ in range(2)]
+        done, pending = wait(futures, timeout=WAIT_S, return_when=FIRST_COMPLETED)
+        assert len(done) == 1
+        release()
+        return done.pop().result(), pending.pop().result(timeout=WAIT_S)
+
+
 def test_a_dropped_stream_frees_its_slot(single_server):
     start = len(single_server.log())
-    # No max_tokens: it would run until the context is full.
-    body = _body([{"role": "user", "content": "Count forever."}], stream=True)
-    with httpx.stream("POST", single_server.base_url + "/v1/chat/completions", json=body, timeout=WAIT_S) as r:
-        _read_until(r.iter_lines(), _has_content)
+    with _holding_the_slot(single_server, "Count forever."):
+        pass  # dropped after its first token
     # With one slot, this is served only once the dropped stream has left it.
     after = ask(single_server, "random-long", [{"role": "user", "content": "Hello!"}], max_tokens=3)
     assert after.usage.completion_tokens == 3
-    log = single_server.log()[start:]
-    dropped = re.search(r"request cancelled by the client after (\d+) tokens", log)
-    assert dropped and dropped.start() < log.index("completion 3 tokens")
+    done = wait_for_log(single_server, r"request done \(length\): .* completion 3 tokens", start)
+    dropped = wait_for_log(single_server, r"request cancelled by the client after (\d+) tokens", start)
+    assert dropped.start() < done.start()
     assert int(dropped.group(1)) < LONG_CONTEXT // 2
 
 
@@ -398,19 +420,8 @@ def test_cancel_during_a_long_prefill_stops_between_chunks(single_server, long_m
 
 
 def test_queue_limit_answers_429_with_retry_after(single_server):
-    url = single_server.base_url + "/v1/chat/completions"
-    hold = _body([{"role": "user", "content": "Hold the slot."}], stream=True)
-    short = _body([{"role": "user", "content": "Hi."}], max_tokens=2)
-    with ThreadPoolExecutor(2) as pool:
-        with httpx.stream("POST", url, json=hold, timeout=WAIT_S) as held:
-            lines = held.iter_lines()
-            _read_until(lines, _has_content)  # the only slot is taken
-            # One of these waits in the one-place queue, the other is turned away.
-            futures = [pool.submit(httpx.post, url, json=short, timeout=WAIT_S) for _ in range(2)]
-            done, pending = wait(futures, timeout=WAIT_S, return_when=FIRST_COMPLETED)
-            assert len(done) == 1
-            rejected = done.pop().result()
-        served = pending.pop().result(timeout=WAIT_S)  # the slot is free again
+    with _holding_the_slot(single_server, "Hold the slot.") as held:
+        rejected, served = _race_for_the_queue_place(single_server, held.close)
     assert rejected.status_code == 429
     assert int(rejected.headers["Retry-After"]) >= 1
     error = rejected.json()["error"]
@@ -418,6 +429,18 @@ def test_queue_limit_answers_429_with_retry_after(single_server):
     assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full")
     assert served.status_code == 200
     assert served.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_client_that_leaves_the_queue_frees_its_place(single_server):
+    url = single_server.base_url + "/v1/chat/completions"
+    start = len(single_server.log())
+    with _holding_the_slot(single_server, "Hold the slot again.") as held:
+        with pytest.raises(httpx.ReadTimeout):  # waits in the queue, then gives up
+            body = _body([{"role": "user", "content": "Hi there."}], max_tokens=2)
+            httpx.post(url, json=body, timeout=httpx.Timeout(WAIT_S, read=1.0))
+        wait_for_log(single_server, "request cancelled by the client while queued", start)
+        rejected, served = _race_for_the_queue_place(single_server, held.close)
+    assert (rejected.status_code, served.status_code) == (429, 200)
 
 
 def test_keep_alive_comments_while_a_long_prompt_is_read(single_server, long_model):
