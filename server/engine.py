@@ -443,7 +443,7 @@ class Engine:
         gone = [uid for uid, a in self._active.items() if a.handle.cancelled]
         if not gone:
             return
-        self._remove_from_batch(gone)
+        built = self._remove_from_batch(gone)
         for uid in gone:
             active = self._active.pop(uid)
             self._release(active.handle, None)
@@ -453,13 +453,27 @@ class Engine:
                 active.prompt_read,
                 active.usage.prompt_tokens,
             )
+        for tokens, cache in built:
+            self._save_cache(tokens, cache)
 
-    def _remove_from_batch(self, uids: list[int]) -> None:
-        """Take sequences out of the batch, keeping the cache they built for later prefix hits."""
+    def _remove_from_batch(self, uids: list[int]) -> list[tuple[list[int], list]]:
+        """Take sequences out of the batch; returns the (tokens, cache) of those
+        that built on their cached prefix, to be saved for later prefix hits."""
         caches = self._batch.remove(uids, return_prompt_caches=True)
-        for uid, (cache, tokens) in caches.items():
-            if len(tokens) > self._active[uid].usage.cached_tokens:
-                self._prompt_cache.insert_cache(self._current.name, list(tokens), cache)
+        return [
+            (tokens, cache)
+            for uid, (cache, tokens) in caches.items()
+            if len(tokens) > self._active[uid].usage.cached_tokens
+        ]
+
+    def _save_cache(self, tokens: list[int], cache: list, kind: str = "assistant") -> None:
+        """Keep a sequence's cache for later prefix hits. It is evaluated now: a
+        cache taken from the batch is a lazy copy that would otherwise hold the
+        batch's whole buffers alive, outside the byte budget, until first used."""
+        import mlx.core as mx
+
+        mx.eval([c.state for c in cache])
+        self._prompt_cache.insert_cache(self._current.name, list(tokens), cache, cache_type=kind)
         self._trim_prompt_cache()
 
     def _on_prefill(self, prompt_responses) -> None:
@@ -476,9 +490,7 @@ class Engine:
         if not at_checkpoint:
             return
         for uid, (cache, tokens) in self._batch.extract_cache(at_checkpoint).items():
-            kind = self._active[uid].checkpoints.pop(len(tokens))
-            self._prompt_cache.insert_cache(self._current.name, list(tokens), cache, cache_type=kind)
-        self._trim_prompt_cache()
+            self._save_cache(tokens, cache, self._active[uid].checkpoints.pop(len(tokens)))
 
     def _trim_prompt_cache(self) -> None:
         self._prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes - self._batch.prompt_cache_nbytes)
@@ -506,12 +518,10 @@ class Engine:
             active.usage.reasoning_tokens += 1
 
         reason = r.finish_reason
+        built = [(r.all_tokens, r.prompt_cache)] if reason is not None else []
         if reason is None and parser.stopped:
             reason = "stop"
-            self._remove_from_batch([r.uid])
-        elif reason is not None:
-            self._prompt_cache.insert_cache(self._current.name, list(r.all_tokens), r.prompt_cache)
-            self._trim_prompt_cache()
+            built = self._remove_from_batch([r.uid])
         if reason is None:
             active.handle._push(events)
             return
@@ -519,6 +529,8 @@ class Engine:
         events.extend(tail)
         active.handle._push(events)
         self._finish(r.uid, active, Finish(final_reason, active.usage))
+        for tokens, cache in built:  # once the answer is out: saving copies the cache
+            self._save_cache(tokens, cache)
 
     def _finish(self, uid: int, active: _Active, last: Any) -> None:
         self._active.pop(uid, None)
