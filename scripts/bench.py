@@ -43,6 +43,9 @@ from mlx_lm.sample_utils import make_logits_processors  # noqa: E402
 from scripts.testmodels import build_random_model  # noqa: E402
 from tests.server_process import ServerProcess  # noqa: E402
 
+# Between two turns the agent runs the tool; the server saves the first turn's
+# cache meanwhile.
+TOOL_SECONDS = 0.5
 SYSTEM_WORDS = "You are opencode, an interactive CLI coding agent. Follow the user's instructions exactly. "
 STORY = [{"role": "user", "content": "Write a story."}]
 
@@ -180,19 +183,20 @@ def agent_rows(bench: Bench, system_tokens: int, rounds: int) -> list[tuple]:
     def ask(messages, **kwargs) -> dict:
         return bench.stream(messages, max_tokens=8, **kwargs)
 
-    turn1, turn2 = turns("List the files.")
-    cold = ask(turn1, tools=tools)
-    warm = ask(turn2, tools=tools)
+    def conversation(task: str, title: bool = False) -> tuple[dict, dict]:
+        turn1, turn2 = turns(task)
+        first = ask(turn1, tools=tools)
+        if title:
+            ask([{"role": "system", "content": "Generate a short title for this conversation."},
+                 {"role": "user", "content": task}])
+        time.sleep(TOOL_SECONDS)
+        return first, ask(turn2, tools=tools)
+
+    cold, warm = conversation("List the files.")
     plain, titled = [], []
-    for i in range(rounds):
-        turn1, turn2 = turns(f"List the files in directory {i}.")
-        ask(turn1, tools=tools)
-        plain.append(ask(turn2, tools=tools))
-        turn1, turn2 = turns(f"Count the files in directory {i}.")
-        ask(turn1, tools=tools)
-        ask([{"role": "system", "content": "Generate a short title for this conversation."},
-             {"role": "user", "content": f"Count the files in directory {i}."}])
-        titled.append(ask(turn2, tools=tools))
+    for i in range(rounds):  # alternating, so that load from elsewhere hits both alike
+        plain.append(conversation(f"List the files in directory {i}.")[1])
+        titled.append(conversation(f"Count the files in directory {i}.", title=True)[1])
     plain_ttft = statistics.median(r["ttft"] for r in plain)
     titled_ttft = statistics.median(r["ttft"] for r in titled)
     return [
