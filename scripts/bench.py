@@ -1,14 +1,20 @@
-"""Benchmark mlxd against raw mlx-lm on the same model, in one run, and print ratios.
+"""Benchmark mlxd against raw mlx-lm on the same model, in one run, and print a table.
 
     python -m scripts.bench                      # builds a ~30M-parameter random model
     python -m scripts.bench --model DIR          # any local MLX model directory
 
-Measures (all client side, streamed, through the real server):
-  * decode tokens/s through the server / raw `mlx_lm.stream_generate` in-process;
-  * time to first token of an opencode-shaped conversation: cold, warm (second
-    turn adds a tool result), and warm after a title request in between;
+Measures, client side and streamed through a real server:
+  * decode tokens/s through the server / raw `mlx_lm.stream_generate` in this
+    process: same prompt, greedy, same max tokens, end tokens banned. The two
+    alternate for --rounds rounds and the medians are compared, because other
+    work on the machine moves single runs more than the difference sought;
+  * time to first token of an opencode-shaped conversation (a long system
+    prompt plus tool schemas, then a second turn that adds a tool result):
+    the first turn cold, the second warm;
+  * the same second turn of fresh conversations with and without a title
+    request in between (medians over --rounds conversations each);
   * aggregate decode tokens/s with 1, 4 and 8 concurrent streams;
-  * peak memory of both.
+  * peak memory.
 Absolute numbers depend on the machine; compare the ratios.
 """
 
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -31,15 +37,17 @@ from server.blas import setup_blas  # noqa: E402  (must run before mlx.core is i
 BLAS = setup_blas()
 
 import mlx.core as mx  # noqa: E402
-import openai  # noqa: E402
 from mlx_lm import load, stream_generate  # noqa: E402
 from mlx_lm.sample_utils import make_logits_processors  # noqa: E402
 
 from scripts.testmodels import build_random_model  # noqa: E402
 from tests.server_process import ServerProcess  # noqa: E402
 
-MODEL = "bench"  # replaced by the served model's id
+# Between two turns the agent runs the tool; the server saves the first turn's
+# cache meanwhile.
+TOOL_SECONDS = 0.5
 SYSTEM_WORDS = "You are opencode, an interactive CLI coding agent. Follow the user's instructions exactly. "
+STORY = [{"role": "user", "content": "Write a story."}]
 
 
 def opencode_like_tools(n: int = 10) -> list[dict]:
@@ -67,73 +75,148 @@ def opencode_like_tools(n: int = 10) -> list[dict]:
 
 
 def system_prompt_of(n_tokens: int, tokenizer) -> str:
-    words = SYSTEM_WORDS
     text = ""
     while len(tokenizer.encode(text)) < n_tokens:
-        text += words
+        text += SYSTEM_WORDS
     return text
 
 
-def raw_decode(model_dir: Path, n_tokens: int) -> dict:
-    """Decode speed of mlx-lm itself, in this process."""
-    model, tokenizer = load(str(model_dir))
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Write a story."}], add_generation_prompt=True)
-    no_eos = make_logits_processors({t: -1e9 for t in tokenizer.eos_token_ids})
-    mx.reset_peak_memory()
-    last = None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=n_tokens, logits_processors=no_eos):
-        pass
-    return {"decode_tps": last.generation_tps, "prompt_tps": last.prompt_tps, "peak_gb": mx.get_peak_memory() / 1e9}
+class Bench:
+    """The served model, a client for it, and the same model loaded in this process."""
+
+    def __init__(self, server: ServerProcess, model_dir: Path):
+        self.client = server.client()
+        self.model_name = self.client.models.list().data[0].id
+        self.model, self.tokenizer = load(str(model_dir))
+        eos = self.tokenizer.eos_token_ids
+        self.raw_no_eos = make_logits_processors({t: -1e9 for t in eos})
+        self.served_no_eos = {str(t): -100 for t in eos}
+
+    def raw_decode(self, n_tokens: int) -> float:
+        """Decode tokens/s of mlx-lm itself, in this process."""
+        prompt = self.tokenizer.apply_chat_template(STORY, add_generation_prompt=True)
+        last = None
+        for last in stream_generate(
+            self.model, self.tokenizer, prompt, max_tokens=n_tokens, logits_processors=self.raw_no_eos
+        ):
+            pass
+        assert last.generation_tokens == n_tokens
+        return last.generation_tps
+
+    def stream(self, messages, *, max_tokens, tools=None, no_eos=False) -> dict:
+        """One streamed completion, timed from the request to the first and last token."""
+        start = time.perf_counter()
+        first = last = None
+        usage = None
+        chunks = self.client.chat.completions.create(
+            model=self.model_name,
+            messages=messages,
+            tools=tools,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            logit_bias=self.served_no_eos if no_eos else None,
+        )
+        for chunk in chunks:
+            if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].delta.tool_calls):
+                last = time.perf_counter()
+                first = first or last
+            if chunk.usage:
+                usage = chunk.usage
+        decode_s = (last or 0) - (first or 0)
+        return {
+            "ttft": (first or time.perf_counter()) - start,
+            "decode_tps": (usage.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0,
+            "completion_tokens": usage.completion_tokens,
+            "prompt_tokens": usage.prompt_tokens,
+            "cached_tokens": usage.prompt_tokens_details.cached_tokens,
+        }
+
+    def concurrent(self, n: int, max_tokens: int) -> float:
+        """Aggregate decode tokens/s of n simultaneous streams with distinct prompts."""
+        results = [None] * n
+
+        def run(i):
+            story = [{"role": "user", "content": f"Write story number {i}."}]
+            results[i] = self.stream(story, max_tokens=max_tokens, no_eos=True)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(r["completion_tokens"] for r in results) / (time.perf_counter() - start)
 
 
-def stream_once(client, messages, *, max_tokens, tools=None, no_eos=None) -> dict:
-    start = time.perf_counter()
-    first = last = None
-    usage = None
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=messages,
-        tools=tools,
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        logit_bias=no_eos,
-    )
-    for chunk in stream:
-        if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].delta.tool_calls):
-            now = time.perf_counter()
-            first = first or now
-            last = now
-        if chunk.usage:
-            usage = chunk.usage
-    ttft = (first or time.perf_counter()) - start
-    decode_s = (last or 0) - (first or 0)
-    return {
-        "ttft": ttft,
-        "decode_tps": (usage.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0,
-        "completion_tokens": usage.completion_tokens,
-        "cached_tokens": usage.prompt_tokens_details.cached_tokens,
-        "prompt_tokens": usage.prompt_tokens,
-        "elapsed": time.perf_counter() - start,
-    }
+def decode_rows(bench: Bench, n_tokens: int, rounds: int) -> list[tuple]:
+    bench.stream(STORY, max_tokens=4)  # warm up both sides
+    bench.raw_decode(4)
+    raw, served = [], []
+    for _ in range(rounds):
+        raw.append(bench.raw_decode(n_tokens))
+        served.append(bench.stream(STORY, max_tokens=n_tokens, no_eos=True)["decode_tps"])
+    raw_tps, served_tps = statistics.median(raw), statistics.median(served)
+    return [
+        ("decode tokens/s, raw mlx_lm", f"{raw_tps:.1f}", f"median of {rounds}: {_list(raw)}"),
+        ("decode tokens/s, through mlxd", f"{served_tps:.1f}", f"ratio {served_tps / raw_tps:.3f}; {_list(served)}"),
+    ]
 
 
-def concurrent_streams(client, n: int, max_tokens: int, no_eos) -> float:
-    """Aggregate decode tokens/s of n simultaneous streams (distinct prompts)."""
-    results = [None] * n
+def agent_rows(bench: Bench, system_tokens: int, rounds: int) -> list[tuple]:
+    """Cold vs warm time to first token of an opencode-shaped conversation, and
+    its second turn with and without a title request in between."""
+    tools = opencode_like_tools()
+    system = {"role": "system", "content": system_prompt_of(system_tokens, bench.tokenizer)}
 
-    def run(i):
-        results[i] = stream_once(client, [{"role": "user", "content": f"Story number {i}."}], max_tokens=max_tokens, no_eos=no_eos)
+    def turns(task: str) -> tuple[list, list]:
+        turn1 = [system, {"role": "user", "content": [{"type": "text", "text": task}]}]
+        call = {"id": "call00001", "type": "function",
+                "function": {"name": "tool_0", "arguments": json.dumps({"path": "/tmp"})}}
+        turn2 = turn1 + [
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call00001", "content": "a.txt\nb.txt"},
+        ]
+        return turn1, turn2
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    return sum(r["completion_tokens"] for r in results) / wall
+    def ask(messages, **kwargs) -> dict:
+        return bench.stream(messages, max_tokens=8, **kwargs)
+
+    def conversation(task: str, title: bool = False) -> tuple[dict, dict]:
+        turn1, turn2 = turns(task)
+        first = ask(turn1, tools=tools)
+        if title:
+            ask([{"role": "system", "content": "Generate a short title for this conversation."},
+                 {"role": "user", "content": task}])
+        time.sleep(TOOL_SECONDS)
+        return first, ask(turn2, tools=tools)
+
+    cold, warm = conversation("List the files.")
+    plain, titled = [], []
+    for i in range(rounds):  # alternating, so that load from elsewhere hits both alike
+        plain.append(conversation(f"List the files in directory {i}.")[1])
+        titled.append(conversation(f"Count the files in directory {i}.", title=True)[1])
+    plain_ttft = statistics.median(r["ttft"] for r in plain)
+    titled_ttft = statistics.median(r["ttft"] for r in titled)
+    return [
+        (f"agent turn 1 TTFT, cold ({cold['prompt_tokens']} prompt tokens)", _ms(cold["ttft"]), ""),
+        (f"agent turn 2 TTFT, warm ({warm['prompt_tokens']} prompt, {warm['cached_tokens']} cached)",
+         _ms(warm["ttft"]), f"x{warm['ttft'] / cold['ttft']:.3f} of cold"),
+        (f"turn 2 TTFT, no title between ({plain[0]['cached_tokens']} cached)", _ms(plain_ttft),
+         f"median of {rounds}: {_list(r['ttft'] * 1000 for r in plain)}"),
+        (f"turn 2 TTFT, title between ({titled[0]['cached_tokens']} cached)", _ms(titled_ttft),
+         f"x{titled_ttft / plain_ttft:.2f} of no title; {_list(r['ttft'] * 1000 for r in titled)}"),
+    ]
+
+
+def concurrency_rows(bench: Bench, max_tokens: int) -> list[tuple]:
+    one = bench.concurrent(1, max_tokens)
+    rows = [("aggregate decode tokens/s, 1 stream", f"{one:.1f}", "")]
+    for n in (4, 8):
+        agg = bench.concurrent(n, max_tokens)
+        rows.append((f"aggregate decode tokens/s, {n} streams", f"{agg:.1f}", f"x{agg / one:.2f} of 1 stream"))
+    return rows
 
 
 def peak_rss_gb(pid: int) -> float:
@@ -146,11 +229,22 @@ def peak_rss_gb(pid: int) -> float:
     return float("nan")
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def _list(values) -> str:
+    return " ".join(f"{v:.0f}" if v >= 100 else f"{v:.1f}" for v in values)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="model directory (default: build a random ~30M model)")
     parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--system-tokens", type=int, default=1500, help="system prompt size of the agent turn")
+    parser.add_argument("--rounds", type=int, default=3, help="repetitions of the noisy comparisons")
+    parser.add_argument("--system-tokens", type=int, default=4500,
+                        help="system prompt size of the agent turn; the ten tool schemas add about 3,600 "
+                             "tokens with the random model's small vocabulary")
     parser.add_argument("--skip-agent", action="store_true", help="only the decode comparison")
     args = parser.parse_args()
 
@@ -159,69 +253,26 @@ def main() -> int:
     if model_dir is None:
         model_dir = build_random_model(work / "bench", hidden_size=512, num_layers=8, intermediate_size=1536,
                                        context_length=32768)
-    print(f"model: {model_dir}  BLAS: {BLAS.library}")
+    print(f"model: {model_dir}  BLAS: {BLAS.library}", flush=True)
 
-    raw = raw_decode(model_dir, args.decode_tokens)
     server = ServerProcess(work, ["--model", str(model_dir), "--keep-alive", "-1"]).start()
     try:
-        client = server.client()
-        global MODEL
-        MODEL = client.models.list().data[0].id
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        no_eos = {str(tokenizer.eos_token_id): -100}
-        stream_once(client, [{"role": "user", "content": "warm up"}], max_tokens=4)
-        served = stream_once(client, [{"role": "user", "content": "Write a story."}], max_tokens=args.decode_tokens, no_eos=no_eos)
-        rows = [
-            ("decode tokens/s, raw mlx_lm", f"{raw['decode_tps']:.1f}", ""),
-            ("decode tokens/s, through mlxd", f"{served['decode_tps']:.1f}", f"ratio {served['decode_tps'] / raw['decode_tps']:.3f}"),
-            ("time to first token, short prompt", f"{served['ttft'] * 1000:.0f} ms", ""),
-        ]
+        bench = Bench(server, model_dir)
+        mx.reset_peak_memory()
+        rows = decode_rows(bench, args.decode_tokens, args.rounds)
+        raw_peak = mx.get_peak_memory() / 1e9
         if not args.skip_agent:
-            rows += agent_rows(client, tokenizer, args.system_tokens)
-            one = concurrent_streams(client, 1, args.decode_tokens // 2, no_eos)
-            for n in (1, 4, 8):
-                agg = one if n == 1 else concurrent_streams(client, n, args.decode_tokens // 2, no_eos)
-                rows.append((f"aggregate decode tokens/s, {n} streams", f"{agg:.1f}", f"x{agg / one:.2f} of 1 stream"))
-        rows.append(("peak memory, raw mlx_lm (MLX)", f"{raw['peak_gb']:.2f} GB", ""))
+            rows += agent_rows(bench, args.system_tokens, args.rounds)
+            rows += concurrency_rows(bench, args.decode_tokens)
+        rows.append(("peak memory, raw mlx_lm (MLX)", f"{raw_peak:.2f} GB", ""))
         rows.append(("peak memory, mlxd process (RSS)", f"{peak_rss_gb(server.proc.pid):.2f} GB", ""))
     finally:
         server.stop()
     width = max(len(r[0]) for r in rows)
     print(f"\nBLAS: {BLAS.library}")
     for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>12}  {note}")
+        print(f"{name:<{width}}  {value:>10}  {note}")
     return 0
-
-
-def agent_rows(client, tokenizer, system_tokens: int) -> list[tuple]:
-    """Cold vs warm time to first token of an opencode-shaped conversation."""
-    tools = opencode_like_tools()
-    system = {"role": "system", "content": system_prompt_of(system_tokens, tokenizer)}
-    turn1 = [system, {"role": "user", "content": [{"type": "text", "text": "List the files."}]}]
-    cold = stream_once(client, turn1, max_tokens=8, tools=tools)
-    call = {"id": "call00001", "type": "function", "function": {"name": "tool_0", "arguments": json.dumps({"path": "/tmp"})}}
-    turn2 = turn1 + [
-        {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call00001", "content": "a.txt\nb.txt"},
-    ]
-    warm = stream_once(client, turn2, max_tokens=8, tools=tools)
-    # The next turn, with and without a title request in between: the title
-    # request must not evict the conversation's cache.
-    turn3 = turn2 + [{"role": "assistant", "content": "Two files."}]
-    warm_no_title = stream_once(client, turn3 + [{"role": "user", "content": "Thanks."}], max_tokens=8, tools=tools)
-    stream_once(client, [{"role": "system", "content": "Generate a short title."},
-                         {"role": "user", "content": "List the files."}], max_tokens=8)
-    warm_after_title = stream_once(client, turn3 + [{"role": "user", "content": "Great."}], max_tokens=8, tools=tools)
-    return [
-        (f"agent turn 1 TTFT, cold ({cold['prompt_tokens']} prompt tokens)", f"{cold['ttft'] * 1000:.0f} ms", ""),
-        (f"agent turn 2 TTFT, warm ({warm['cached_tokens']} cached)", f"{warm['ttft'] * 1000:.0f} ms",
-         f"x{warm['ttft'] / cold['ttft']:.3f} of cold"),
-        (f"agent turn 3 TTFT, no title between ({warm_no_title['cached_tokens']} cached)", f"{warm_no_title['ttft'] * 1000:.0f} ms", ""),
-        (f"agent turn 3 TTFT, title between ({warm_after_title['cached_tokens']} cached)", f"{warm_after_title['ttft'] * 1000:.0f} ms",
-         f"x{warm_after_title['ttft'] / warm_no_title['ttft']:.2f} of no title"),
-    ]
 
 
 if __name__ == "__main__":

@@ -124,8 +124,10 @@ class _Active:
     detokenizer: Any
     parser: OutputParser
     usage: Usage
-    prompt: list[int]
-    checkpoints: list[str]
+    # Prompt-cache checkpoints still ahead in the prefill: token offset -> kind.
+    checkpoints: dict[int, str]
+    # Prompt tokens in the sequence's cache so far (cached, then prefilled).
+    prompt_read: int
     started_at: float
     first_token_at: Optional[float] = None
 
@@ -161,6 +163,7 @@ class Engine:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._current: Optional[LoadedModel] = None
         self._batch = None
+        self._trimmable = True  # whether the current model's cache can always be cut back
         self._active: dict[int, _Active] = {}
         self._prompt_cache = None
         self._stopping = False
@@ -249,12 +252,12 @@ class Engine:
 
     def _admit_waiting(self) -> None:
         """Admit waiting requests in order; a request for another model waits for the batch to drain."""
+        for handle in [h for h in self._waiting if h.cancelled]:  # their places go to new requests
+            self._waiting.remove(handle)
+            self._release(handle, None)
+            log.info("request cancelled by the client while queued")
         while self._waiting and len(self._active) < self.max_batch_size:
             handle = self._waiting[0]
-            if handle.cancelled:
-                self._waiting.popleft()
-                self._release(handle, None)
-                continue
             model_name = handle.request.model.name
             if self._active and self._current is not None and self._current.name != model_name:
                 return
@@ -297,6 +300,7 @@ class Engine:
 
         self._close_batch()
         self._current = lm
+        self._trimmable = _cache_always_trimmable(lm.model)
         self._batch = BatchGenerator(
             lm.model,
             completion_batch_size=self.max_batch_size,
@@ -359,7 +363,14 @@ class Engine:
 
         cache, rest = _fetch_cache(self._prompt_cache, lm.name, prompt.tokens)
         n_cached = n_prompt - len(rest)
-        segments, checkpoints = _segments(prompt.tokens, prompt.boundaries, n_cached)
+        # A trimmable cache is saved whole at the end and serves every prefix of
+        # it, so only the system prompt is checkpointed, for requests that share
+        # it while this one runs; other caches resume at message checkpoints.
+        checkpoints = {
+            n: kind
+            for n, kind in prompt.checkpoints.items()
+            if n > n_cached and (kind == "system" or not self._trimmable)
+        }
 
         sampling = _effective_sampling(req.sampling, lm.sampling_defaults)
         if req.sampling.seed is not None:
@@ -378,7 +389,7 @@ class Engine:
             frequency_penalty=req.sampling.frequency_penalty,
         )
         (uid,) = self._batch.insert_segments(
-            segments=[segments],
+            segments=[_segments(prompt.tokens, n_cached, checkpoints)],
             max_tokens=[max_tokens],
             caches=[cache],
             all_tokens=[prompt.tokens[:n_cached]],
@@ -400,8 +411,8 @@ class Engine:
             detokenizer=tokenizer.detokenizer,
             parser=parser,
             usage=Usage(prompt_tokens=n_prompt, cached_tokens=n_cached),
-            prompt=prompt.tokens,
             checkpoints=checkpoints,
+            prompt_read=n_cached,
             started_at=time.perf_counter(),
         )
         lm.last_used = time.monotonic()
@@ -424,7 +435,7 @@ class Engine:
         if not self._active:
             return
         prompt_responses, gen_responses = self._batch.next()
-        self._save_checkpoints(prompt_responses)
+        self._on_prefill(prompt_responses)
         for r in gen_responses:
             active = self._active.get(r.uid)
             if active is None:
@@ -437,34 +448,54 @@ class Engine:
         gone = [uid for uid, a in self._active.items() if a.handle.cancelled]
         if not gone:
             return
-        self._remove_from_batch(gone)
+        built = self._remove_from_batch(gone)
         for uid in gone:
             active = self._active.pop(uid)
             self._release(active.handle, None)
-            log.info("request cancelled by the client after %d tokens", active.usage.completion_tokens)
+            log.info(
+                "request cancelled by the client after %d tokens (%d of %d prompt tokens read)",
+                active.usage.completion_tokens,
+                active.prompt_read,
+                active.usage.prompt_tokens,
+            )
+        for tokens, cache in built:
+            self._save_cache(tokens, cache)
 
-    def _remove_from_batch(self, uids: list[int]) -> None:
-        """Take sequences out of the batch, keeping their cache for later prefix hits."""
+    def _remove_from_batch(self, uids: list[int]) -> list[tuple[list[int], list]]:
+        """Take sequences out of the batch; returns the (tokens, cache) of those
+        that built on their cached prefix, to be saved for later prefix hits."""
         caches = self._batch.remove(uids, return_prompt_caches=True)
-        for cache, tokens in caches.values():
-            if tokens:
-                self._prompt_cache.insert_cache(self._current.name, list(tokens), cache)
+        return [
+            (tokens, cache)
+            for uid, (cache, tokens) in caches.items()
+            if len(tokens) > self._active[uid].usage.cached_tokens
+        ]
+
+    def _save_cache(self, tokens: list[int], cache: list, kind: str = "assistant") -> None:
+        """Keep a sequence's cache for later prefix hits. It is evaluated now: a
+        cache taken from the batch is a lazy copy that would otherwise hold the
+        batch's whole buffers alive, outside the byte budget, until first used."""
+        import mlx.core as mx
+
+        mx.eval([c.state for c in cache])
+        self._prompt_cache.insert_cache(self._current.name, list(tokens), cache, cache_type=kind)
         self._trim_prompt_cache()
 
-    def _save_checkpoints(self, prompt_responses) -> None:
-        """Store the cache at message boundaries so later requests can resume there."""
-        done = [
-            r.uid
-            for r in prompt_responses
-            if r.end_of_segment and not r.end_of_prompt and r.uid in self._active
-            and self._active[r.uid].checkpoints
-        ]
-        if not done:
+    def _on_prefill(self, prompt_responses) -> None:
+        """Track how much of each prompt is read, and store the cache at its
+        checkpoints (message boundaries) so later requests can resume there."""
+        at_checkpoint = []
+        for r in prompt_responses:
+            active = self._active.get(r.uid)
+            if active is None:
+                continue
+            active.prompt_read = active.usage.cached_tokens + r.progress[0]
+            if r.end_of_segment and active.prompt_read in active.checkpoints:
+                at_checkpoint.append(r.uid)
+        if not at_checkpoint:
             return
-        for uid, (cache, tokens) in self._batch.extract_cache(done).items():
-            kind = self._active[uid].checkpoints.pop()
-            self._prompt_cache.insert_cache(self._current.name, list(tokens), cache, cache_type=kind)
-        self._trim_prompt_cache()
+        for uid, (cache, tokens) in self._batch.extract_cache(at_checkpoint).items():
+            self._save_cache(tokens, cache, self._active[uid].checkpoints.pop(len(tokens)))
 
     def _trim_prompt_cache(self) -> None:
         self._prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes - self._batch.prompt_cache_nbytes)
@@ -492,12 +523,10 @@ class Engine:
             active.usage.reasoning_tokens += 1
 
         reason = r.finish_reason
+        built = [(r.all_tokens, r.prompt_cache)] if reason is not None else []
         if reason is None and parser.stopped:
             reason = "stop"
-            self._remove_from_batch([r.uid])
-        elif reason is not None:
-            self._prompt_cache.insert_cache(self._current.name, list(r.all_tokens), r.prompt_cache)
-            self._trim_prompt_cache()
+            built = self._remove_from_batch([r.uid])
         if reason is None:
             active.handle._push(events)
             return
@@ -505,6 +534,8 @@ class Engine:
         events.extend(tail)
         active.handle._push(events)
         self._finish(r.uid, active, Finish(final_reason, active.usage))
+        for tokens, cache in built:  # once the answer is out: saving copies the cache
+            self._save_cache(tokens, cache)
 
     def _finish(self, uid: int, active: _Active, last: Any) -> None:
         self._active.pop(uid, None)
@@ -537,37 +568,41 @@ class Engine:
 
 
 def _fetch_cache(prompt_cache, model_name: str, tokens: list[int]):
-    """The longest cached prefix, always leaving at least one token to feed the model."""
+    """The longest cached prefix, always leaving at least one token to feed the model.
+
+    A cache that cannot be trimmed (rotating, recurrent) cannot give back its
+    last token, so a prompt it covers whole resumes from a shorter checkpoint.
+    """
     from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
     cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens)
     if cache is not None and not rest:
-        if not can_trim_prompt_cache(cache):
-            return None, tokens
-        trim_prompt_cache(cache, 1)
-        rest = tokens[-1:]
+        if can_trim_prompt_cache(cache):
+            trim_prompt_cache(cache, 1)
+            return cache, tokens[-1:]
+        cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens[:-1])
+        rest = rest + tokens[-1:]
     return cache, rest
+
+
+def _cache_always_trimmable(model) -> bool:
+    """Plain KV caches can be cut back to any prefix; rotating (sliding-window)
+    and recurrent ones cannot once they are full."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
+
+    return all(type(c) in (KVCache, QuantizedKVCache) for c in make_prompt_cache(model))
 
 
 def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def _segments(tokens: list[int], boundaries: list[int], n_cached: int):
-    """Split the uncached part of the prompt at message boundaries for checkpointing.
-
-    Returns the segments and, for each segment end that gets a checkpoint, the
-    cache type (popped from the end as segments complete).
-    """
-    cuts = [b for b in boundaries if b > n_cached] + [len(tokens)]
-    segments, start = [], n_cached
-    for cut in cuts:
-        if cut > start:
-            segments.append(tokens[start:cut])
-            start = cut
-    # Only inner boundaries are checkpointed; the end of the prompt is saved at finish.
-    checkpoints = ["user"] * (len(segments) - 1)
-    return segments, checkpoints
+def _segments(tokens: list[int], n_cached: int, checkpoints: dict[int, str]) -> list[list[int]]:
+    """The uncached part of the prompt, cut at the checkpoints: the batch
+    generator pauses at each cut, where the engine saves the cache."""
+    cuts = sorted(checkpoints) + [len(tokens)]
+    starts = [n_cached] + cuts[:-1]
+    return [tokens[a:b] for a, b in zip(starts, cuts)]
 
 
 def _effective_sampling(sampling: SamplingParams, model_defaults: dict) -> dict:

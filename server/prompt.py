@@ -15,16 +15,18 @@ from jinja2 import TemplateError
 
 log = logging.getLogger("mlxd.prompt")
 
-# How many of the last message boundaries get a prompt-cache checkpoint.
-RECENT_BOUNDARIES = 3
+# How many of the last messages get a prompt-cache checkpoint where they end.
+RECENT_MESSAGES = 3
 
 
 @dataclass
 class Prompt:
     tokens: list[int]
-    # Token offsets where a message ends (sorted, exclusive of 0 and len):
-    # the prompt cache keeps a checkpoint there.
-    boundaries: list[int]
+    # Token offset -> prompt-cache checkpoint kind, for the offsets where a
+    # message ends (exclusive of 0 and len). Kinds are mlx-lm's LRUPromptCache
+    # classes: "system" (end of the system prompt and tools, evicted last) and
+    # "user" (ends of the recent messages, the last one included).
+    checkpoints: dict[int, str]
     # True when the rendered prompt leaves the model inside a thinking block.
     starts_in_reasoning: bool = False
 
@@ -93,18 +95,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def message_boundaries(tokenizer, messages, tools, tokens: list[int]) -> list[int]:
+def message_checkpoints(tokenizer, messages, tools, tokens: list[int]) -> dict[int, str]:
     """Token offsets where the system prompt and the most recent messages end.
 
-    Found by rendering message prefixes and matching them to the full prompt,
-    so it holds for any template. Templates that refuse a prefix are skipped.
+    The end of the system prompt is shared by every conversation of an agent;
+    the end of the last message is where the next turn of this conversation
+    diverges when the assistant's answer is rendered differently (reasoning
+    dropped, reformatted tool calls), so models whose cache cannot be trimmed
+    still resume there. Found by rendering message prefixes and matching them
+    to the full prompt, so it holds for any template; templates that refuse a
+    prefix are skipped.
     """
     n_system = 0
     while n_system < len(messages) and messages[n_system]["role"] == "system":
         n_system += 1
-    cuts = {n_system} | set(range(max(1, len(messages) - RECENT_BOUNDARIES), len(messages)))
-    boundaries = set()
-    for k in sorted(c for c in cuts if 0 < c < len(messages)):
+    cuts = {n_system} | set(range(max(1, len(messages) - RECENT_MESSAGES + 1), len(messages) + 1))
+    checkpoints = {}
+    for k in sorted(c for c in cuts if c > 0):
         try:
             text = _render(tokenizer, messages[:k], tools, add_generation_prompt=False)
         except Exception:  # templates may insist on a user turn etc.
@@ -112,8 +119,8 @@ def message_boundaries(tokenizer, messages, tools, tokens: list[int]) -> list[in
         prefix = tokenizer.encode(text, add_special_tokens=False)
         n = _common_prefix(prefix, tokens)
         if 0 < n < len(tokens):
-            boundaries.add(n)
-    return sorted(boundaries)
+            checkpoints.setdefault(n, "system" if k == n_system else "user")
+    return checkpoints
 
 
 def build_prompt(
@@ -136,6 +143,6 @@ def build_prompt(
         starts_in_reasoning = text.rfind(tokenizer.think_start) > text.rfind(tokenizer.think_end)
     return Prompt(
         tokens=tokens,
-        boundaries=message_boundaries(tokenizer, messages, tools, tokens),
+        checkpoints=message_checkpoints(tokenizer, messages, tools, tokens),
         starts_in_reasoning=starts_in_reasoning,
     )

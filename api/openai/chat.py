@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from typing import AsyncIterator, Optional
@@ -30,8 +31,9 @@ from .protocol import ChatCompletionRequest
 
 router = APIRouter()
 
-# How often the client is sent an SSE comment while it waits (long prefill).
-KEEPALIVE_SECONDS = 5.0
+# How often the client is sent an SSE comment while it waits (long prefill);
+# MLXD_KEEPALIVE_SECONDS overrides it (tests use a short interval).
+KEEPALIVE_SECONDS = float(os.environ.get("MLXD_KEEPALIVE_SECONDS", "5"))
 # How often a non-streaming request checks that its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
 
