@@ -26,6 +26,10 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     async def health(request: Request):
         if not runtime.engine.healthy:
             return error_response("the generation thread has stopped", 503, code="engine_down")
-        return {"status": "ok", "loaded": [m["name"] for m in runtime.engine.loaded_models()]}
+        return {
+            "status": "ok",
+            "loaded": [m["name"] for m in runtime.engine.loaded_models()],
+            "memory": runtime.engine.memory(),
+        }
 
     return BodySizeLimit(app, max_body_bytes)

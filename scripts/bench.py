@@ -14,7 +14,8 @@ Measures, client side and streamed through a real server:
   * the same second turn of fresh conversations with and without a title
     request in between (medians over --rounds conversations each);
   * aggregate decode tokens/s with 1, 4 and 8 concurrent streams;
-  * peak memory.
+  * peak memory: MLX's peak in this process and in the server (the server's
+    includes its prefix cache, bounded by --prompt-cache-gb), and the server's RSS.
 Absolute numbers depend on the machine; compare the ratios.
 """
 
@@ -104,9 +105,14 @@ class Bench:
         return last.generation_tps
 
     def stream(self, messages, *, max_tokens, tools=None, no_eos=False) -> dict:
-        """One streamed completion, timed from the request to the first and last token."""
+        """One streamed completion, timed from the request to the first and last token.
+
+        The first token is the first chunk with output or a finish_reason: a
+        random model's first tokens can be partial UTF-8 that the server holds
+        back, so the agent turns ask for max_tokens=1 and time that chunk.
+        """
         start = time.perf_counter()
-        first = last = None
+        first = last = answered = None
         usage = None
         chunks = self.client.chat.completions.create(
             model=self.model_name,
@@ -119,14 +125,17 @@ class Bench:
             logit_bias=self.served_no_eos if no_eos else None,
         )
         for chunk in chunks:
-            if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].delta.tool_calls):
+            choice = chunk.choices[0] if chunk.choices else None
+            if choice and (choice.delta.content or choice.delta.tool_calls):
                 last = time.perf_counter()
                 first = first or last
+            if choice and (choice.delta.content or choice.delta.tool_calls or choice.finish_reason):
+                answered = answered or time.perf_counter()
             if chunk.usage:
                 usage = chunk.usage
         decode_s = (last or 0) - (first or 0)
         return {
-            "ttft": (first or time.perf_counter()) - start,
+            "ttft": (answered or time.perf_counter()) - start,
             "decode_tps": (usage.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0,
             "completion_tokens": usage.completion_tokens,
             "prompt_tokens": usage.prompt_tokens,
@@ -181,7 +190,7 @@ def agent_rows(bench: Bench, system_tokens: int, rounds: int) -> list[tuple]:
         return turn1, turn2
 
     def ask(messages, **kwargs) -> dict:
-        return bench.stream(messages, max_tokens=8, **kwargs)
+        return bench.stream(messages, max_tokens=1, **kwargs)
 
     def conversation(task: str, title: bool = False) -> tuple[dict, dict]:
         turn1, turn2 = turns(task)
@@ -241,7 +250,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="model directory (default: build a random ~30M model)")
     parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3, help="repetitions of the noisy comparisons")
+    parser.add_argument("--rounds", type=int, default=7, help="repetitions of the noisy comparisons")
     parser.add_argument("--system-tokens", type=int, default=4500,
                         help="system prompt size of the agent turn; the ten tool schemas add about 3,600 "
                              "tokens with the random model's small vocabulary")
@@ -264,8 +273,13 @@ def main() -> int:
         if not args.skip_agent:
             rows += agent_rows(bench, args.system_tokens, args.rounds)
             rows += concurrency_rows(bench, args.decode_tokens)
+        memory = server.get("/health").json()["memory"]
         rows.append(("peak memory, raw mlx_lm (MLX)", f"{raw_peak:.2f} GB", ""))
-        rows.append(("peak memory, mlxd process (RSS)", f"{peak_rss_gb(server.proc.pid):.2f} GB", ""))
+        rows.append(("peak memory, mlxd (MLX)", f"{memory['mlx_peak_bytes'] / 1e9:.2f} GB",
+                     f"prefix cache holds {memory['prompt_cache_bytes'] / 1e9:.2f} GB "
+                     f"of its {memory['prompt_cache_budget_bytes'] / 1e9:.2f} GB budget"))
+        rows.append(("peak memory, mlxd process (RSS)", f"{peak_rss_gb(server.proc.pid):.2f} GB",
+                     "Linux only"))
     finally:
         server.stop()
     width = max(len(r[0]) for r in rows)

@@ -212,6 +212,17 @@ class Engine:
             for m in list(self._loaded.values())
         ]
 
+    def memory(self) -> dict:
+        """MLX's allocator counters (GPU memory on Metal) and the prefix cache's share."""
+        import mlx.core as mx
+
+        return {
+            "mlx_active_bytes": mx.get_active_memory(),
+            "mlx_peak_bytes": mx.get_peak_memory(),
+            "prompt_cache_bytes": self._prompt_cache.nbytes if self._prompt_cache is not None else 0,
+            "prompt_cache_budget_bytes": self.prompt_cache_bytes,
+        }
+
     # ------------------------------------------------------------------
     # Engine thread
     def _run(self) -> None:
@@ -349,7 +360,11 @@ class Engine:
         tools = req.tools if req.tool_choice != "none" else None
         prefix = forced_prefix(fmt, req.tool_choice, tools)
         try:
-            prompt = build_prompt(tokenizer, req.messages, tools, suffix=prefix)
+            # A trimmable cache is saved whole at the end and serves every prefix of
+            # it, so only the system prompt is checkpointed, for requests that share
+            # it while this one runs; other caches resume at message checkpoints.
+            prompt = build_prompt(tokenizer, req.messages, tools, suffix=prefix,
+                                  recent_checkpoints=not self._trimmable)
         except ValueError as e:
             raise InvalidPrompt(str(e)) from e
         n_prompt = len(prompt.tokens)
@@ -363,14 +378,7 @@ class Engine:
 
         cache, rest = _fetch_cache(self._prompt_cache, lm.name, prompt.tokens)
         n_cached = n_prompt - len(rest)
-        # A trimmable cache is saved whole at the end and serves every prefix of
-        # it, so only the system prompt is checkpointed, for requests that share
-        # it while this one runs; other caches resume at message checkpoints.
-        checkpoints = {
-            n: kind
-            for n, kind in prompt.checkpoints.items()
-            if n > n_cached and (kind == "system" or not self._trimmable)
-        }
+        checkpoints = {n: kind for n, kind in prompt.checkpoints.items() if n > n_cached}
 
         sampling = _effective_sampling(req.sampling, lm.sampling_defaults)
         if req.sampling.seed is not None:

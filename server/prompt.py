@@ -95,8 +95,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def message_checkpoints(tokenizer, messages, tools, tokens: list[int]) -> dict[int, str]:
-    """Token offsets where the system prompt and the most recent messages end.
+def message_checkpoints(tokenizer, messages, tools, tokens: list[int], recent: bool = True) -> dict[int, str]:
+    """Token offsets where the system prompt and (with `recent`) the most recent messages end.
 
     The end of the system prompt is shared by every conversation of an agent;
     the end of the last message is where the next turn of this conversation
@@ -109,7 +109,9 @@ def message_checkpoints(tokenizer, messages, tools, tokens: list[int]) -> dict[i
     n_system = 0
     while n_system < len(messages) and messages[n_system]["role"] == "system":
         n_system += 1
-    cuts = {n_system} | set(range(max(1, len(messages) - RECENT_MESSAGES + 1), len(messages) + 1))
+    cuts = {n_system}
+    if recent:
+        cuts |= set(range(max(1, len(messages) - RECENT_MESSAGES + 1), len(messages) + 1))
     checkpoints = {}
     for k in sorted(c for c in cuts if c > 0):
         try:
@@ -128,8 +130,13 @@ def build_prompt(
     messages: list[dict],
     tools: Optional[list[dict]] = None,
     suffix: str = "",
+    recent_checkpoints: bool = True,
 ) -> Prompt:
-    """Render and tokenize a chat; `suffix` is text the assistant turn is forced to start with."""
+    """Render and tokenize a chat; `suffix` is text the assistant turn is forced to start with.
+
+    Each checkpoint costs a render and a tokenization of a prompt prefix;
+    `recent_checkpoints=False` finds only the end of the system prompt.
+    """
     messages = normalize_messages(messages)
     if not tokenizer.has_chat_template:
         raise ValueError("this model has no chat template")
@@ -143,6 +150,6 @@ def build_prompt(
         starts_in_reasoning = text.rfind(tokenizer.think_start) > text.rfind(tokenizer.think_end)
     return Prompt(
         tokens=tokens,
-        checkpoints=message_checkpoints(tokenizer, messages, tools, tokens),
+        checkpoints=message_checkpoints(tokenizer, messages, tools, tokens, recent=recent_checkpoints),
         starts_in_reasoning=starts_in_reasoning,
     )

@@ -26,9 +26,10 @@ def free_port() -> int:
 class ServerProcess:
     """One `mlxd serve` subprocess; its log goes to a file the tests can read."""
 
-    def __init__(self, log_dir: Path, args: list[str], env: Optional[dict] = None):
+    def __init__(self, log_dir: Path, args: list[str], env: Optional[dict] = None, module: str = "server.cli"):
         self.port = free_port()
         self.args = args
+        self.module = module
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = log_dir / f"mlxd-{self.port}.log"
         self.proc: Optional[subprocess.Popen] = None
@@ -38,7 +39,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), *self.args]
+        cmd = [sys.executable, "-m", self.module, "serve", "--port", str(self.port), *self.args]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S

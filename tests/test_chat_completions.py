@@ -15,6 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import GREETING, RANDOM_CONTEXT, ground_truth_prompt_tokens
+from tests.server_process import ServerProcess
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 
@@ -266,3 +267,33 @@ def test_models_and_health(core_server):
     assert core_server.get("/v1/models/greeter").json()["id"] == "greeter"
     assert core_server.get("/v1/models/nope").status_code == 404
     assert core_server.get("/health").json()["status"] == "ok"
+
+
+def test_a_failure_mid_stream_ends_with_an_error_and_usage_and_the_server_recovers(tmp_path, greeting_model):
+    fail_after = 5
+    server = ServerProcess(tmp_path, ["--model", str(greeting_model.path)],
+                           env={"MLXD_TEST_FAIL_AFTER": str(fail_after)}, module="tests.faulty_server").start()
+    try:
+        body = {"model": "greeter", "messages": HELLO, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=120) as response:
+            assert response.status_code == 200
+            data = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        *chunks, error, usage = [json.loads(d) for d in data[:-1]]
+        # What was generated before the failure streamed; no finish_reason pretends the answer is complete.
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text and GREETING.startswith(text) and text != GREETING
+        assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
+        # The SDKs raise on an `error` event; the usage chunk still counts what was computed.
+        assert error["error"]["code"] == "generation_failed"
+        assert "Resource limit exceeded" in error["error"]["message"]
+        assert usage["choices"] == []
+        assert usage["usage"]["prompt_tokens"] == ground_truth_prompt_tokens(greeting_model.path, HELLO)
+        assert usage["usage"]["completion_tokens"] == fail_after
+        assert "generation failed" in server.log()
+
+        answer = server.client().chat.completions.create(model="greeter", messages=HELLO, temperature=0)
+        assert answer.choices[0].message.content == GREETING
+    finally:
+        server.stop()

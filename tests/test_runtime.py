@@ -197,6 +197,12 @@ def test_next_turn_reuses_the_previous_turn_and_its_answer(fresh_server, greetin
     r3 = ask(fresh_server, "greeter", turn3)
     assert cached(r3) == common_prefix(_after(greeting_model, turn2), ids3) == len(_after(greeting_model, turn2))
 
+    # /health shows what the prefix cache holds, within its budget (--prompt-cache-gb 4).
+    memory = fresh_server.get("/health").json()["memory"]
+    assert memory["prompt_cache_budget_bytes"] == 4 << 30
+    assert 0 < memory["prompt_cache_bytes"] <= memory["prompt_cache_budget_bytes"]
+    assert memory["mlx_peak_bytes"] >= memory["mlx_active_bytes"] > 0
+
 
 def test_title_request_between_turns_does_not_evict_the_conversation(fresh_server, greeting_model):
     turn1, turn2, turn3 = _conversation_turns(greeting_model)
