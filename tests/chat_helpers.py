@@ -7,6 +7,19 @@ import re
 
 import pytest
 
+BASH_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "bash",
+        "description": "Run a shell command.",
+        "parameters": {
+            "type": "object",
+            "properties": {"command": {"type": "string"}},
+            "required": ["command"],
+        },
+    },
+}
+
 
 def tool_deltas(chunks):
     return [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]

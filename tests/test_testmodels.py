@@ -18,19 +18,7 @@ from scripts.testmodels import (
     build_tokenizer_files,
     main,
 )
-
-BASH_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "bash",
-        "description": "Run a shell command.",
-        "parameters": {
-            "type": "object",
-            "properties": {"command": {"type": "string"}},
-            "required": ["command"],
-        },
-    },
-}
+from tests.chat_helpers import BASH_TOOL
 
 TOOL_ROUND_TRIP = [
     {"role": "user", "content": "List the files."},

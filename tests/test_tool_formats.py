@@ -24,6 +24,7 @@ from server import output, tool_formats
 from tests.conftest import ground_truth_prompt_tokens
 from tests.server_process import ServerProcess
 from tests.chat_helpers import (
+    BASH_TOOL,
     assembled_calls,
     assert_arguments_never_complete_early,
     assert_first_deltas_announce_calls,
@@ -32,18 +33,7 @@ from tests.chat_helpers import (
 )
 
 TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "bash",
-            "description": "Run a shell command.",
-            "parameters": {
-                "type": "object",
-                "properties": {"command": {"type": "string"}},
-                "required": ["command"],
-            },
-        },
-    },
+    BASH_TOOL,
     {
         "type": "function",
         "function": {
