@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from jinja2 import TemplateError
 
 log = logging.getLogger("mlxd.prompt")
+
+_THINKING_FIELD = re.compile(r"""message\.thinking\b|["']thinking["']\s+in\s+message""")
 
 # How many of the last messages get a prompt-cache checkpoint where they end.
 RECENT_MESSAGES = 3
@@ -56,8 +59,17 @@ def _arguments_object(arguments: Any) -> Any:
     return arguments
 
 
-def normalize_messages(messages: list[dict]) -> list[dict]:
-    """Bring OpenAI wire messages into the shape HF chat templates expect."""
+def reads_thinking(chat_template: Any) -> bool:
+    """Whether a template reads an assistant turn's reasoning from `thinking` (gpt-oss)."""
+    return isinstance(chat_template, str) and bool(_THINKING_FIELD.search(chat_template))
+
+
+def normalize_messages(messages: list[dict], thinking_field: bool = False) -> list[dict]:
+    """Bring OpenAI wire messages into the shape HF chat templates expect.
+
+    Reasoning arrives as `reasoning_content` (or `reasoning`); templates that
+    read `thinking` get it there too.
+    """
     out = []
     for message in messages:
         m = {k: v for k, v in message.items() if v is not None}
@@ -65,8 +77,17 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
             m["content"] = _text_of(m["content"])
         elif m.get("role") in ("user", "system", "tool", "assistant"):
             m["content"] = ""
-        if "reasoning" in m and "reasoning_content" not in m:
-            m["reasoning_content"] = m.pop("reasoning")
+        reasoning = m.pop("reasoning", None)
+        if reasoning is not None:
+            m.setdefault("reasoning_content", reasoning)
+        if thinking_field and m.get("role") == "assistant" and m.get("reasoning_content"):
+            if m.get("content") and m.get("tool_calls"):
+                # The template renders this content as the turn's analysis and
+                # refuses a second one; transformers would alias the reasoning to it.
+                del m["reasoning_content"]
+                m.pop("thinking", None)
+            else:
+                m.setdefault("thinking", m["reasoning_content"])
         if m.get("tool_calls"):
             calls = []
             for call in m["tool_calls"]:
@@ -137,9 +158,9 @@ def build_prompt(
     Each checkpoint costs a render and a tokenization of a prompt prefix;
     `recent_checkpoints=False` finds only the end of the system prompt.
     """
-    messages = normalize_messages(messages)
     if not tokenizer.has_chat_template:
         raise ValueError("this model has no chat template")
+    messages = normalize_messages(messages, reads_thinking(tokenizer.chat_template))
     try:
         text = _render(tokenizer, messages, tools, add_generation_prompt=True) + suffix
     except TemplateError as e:  # raise_exception() in the template, or a field it needs

@@ -142,6 +142,12 @@ CASES = [
     Case("harmony-text-call", "harmony",
          f"<|channel|>commentary<|message|>{PREAMBLE}{HARMONY_NEXT}{HARMONY_READ}", (READ,),
          HARMONY_FINAL, content=PREAMBLE),
+    # Reasoning, a preamble and a call: in history the template takes the preamble as the
+    # turn's analysis and refuses the reasoning beside it.
+    Case("harmony-reasoning-text-call", "harmony",
+         f"<|channel|>analysis<|message|>{THOUGHT}{HARMONY_NEXT}<|channel|>commentary<|message|>"
+         f"{PREAMBLE}{HARMONY_NEXT}{HARMONY_READ}", (READ,), HARMONY_FINAL,
+         content=PREAMBLE, reasoning=THOUGHT, reasoning_span=("<|message|>", "<|end|>")),
     # GLM-4.5 to 4.7: the prompt opens <think>; a call turn ends with <|observation|>,
     # an answer with <|user|>.
     Case("glm-call", "glm47", f"{THOUGHT}</think>{GLM_BASH}<|observation|>", (BASH,),
@@ -151,6 +157,9 @@ CASES = [
     Case("glm-text-call", "glm47", f"{THOUGHT}</think>{PREAMBLE}{GLM_READ}<|observation|>", (READ,),
          GLM_AFTER, content=PREAMBLE, reasoning=THOUGHT, reasoning_span=(None, "</think>")),
 ]  # fmt: skip
+# Where a family's template reads an assistant turn's reasoning in history; such a
+# template refuses it beside content on a tool-call turn.
+REASONING_KEY = {"harmony": "thinking"}
 # tool_choice "required" and a named function: the server appends the start of a
 # call to the prompt; these models write the rest (family, the whole call).
 FORCED = {
@@ -242,15 +251,16 @@ def reasoning_tokens(case: Case, model) -> int:
     return ids.index(tokenizer.convert_tokens_to_ids(last)) - start + 1
 
 
-def history(case: Case, calls: list[tuple[str, str, str]], arguments_as_json: bool) -> list[dict]:
-    """The first turn, the assistant's calls (id, name, arguments) and their results."""
+def history(case: Case, calls: list[tuple[str, str, str]], wire: bool) -> list[dict]:
+    """The first turn, the assistant's reasoning and calls (id, name, arguments) and
+    their results: as a client sends them (`wire`), or as the template expects them."""
     tool_calls = [
         {
             "id": id_,
             "type": "function",
             "function": {
                 "name": name,
-                "arguments": arguments if arguments_as_json else json.loads(arguments),
+                "arguments": arguments if wire else json.loads(arguments),
             },
         }
         for id_, name, arguments in calls
@@ -259,6 +269,10 @@ def history(case: Case, calls: list[tuple[str, str, str]], arguments_as_json: bo
         {"role": "tool", "tool_call_id": id_, "content": RESULTS[name]} for id_, name, _ in calls
     ]
     assistant = {"role": "assistant", "content": case.content, "tool_calls": tool_calls}
+    if wire and case.reasoning:  # sent back as opencode does
+        assistant["reasoning_content"] = case.reasoning
+    elif case.reasoning and not (case.family in REASONING_KEY and case.content):
+        assistant[REASONING_KEY.get(case.family, "reasoning_content")] = case.reasoning
     return ASK + [assistant] + results
 
 
@@ -333,7 +347,7 @@ def test_calls_and_results_round_trip_through_the_template(format_server, format
     chunks = list(
         client.chat.completions.create(
             model=case.name,
-            messages=history(case, calls, arguments_as_json=True),
+            messages=history(case, calls, wire=True),
             tools=TOOLS,
             temperature=0,
             stream=True,
@@ -347,7 +361,7 @@ def test_calls_and_results_round_trip_through_the_template(format_server, format
     assert finish_reasons(chunks) == ["stop"]
     usage = chunks[-1].usage
     # The template saw the arguments as objects, as the model's own tokenizer renders them.
-    rendered = history(case, calls, arguments_as_json=False)
+    rendered = history(case, calls, wire=False)
     assert usage.prompt_tokens == prompt_tokens(model, rendered)
     assert usage.completion_tokens == len(model.after_tool_token_ids) + 1
 
