@@ -8,9 +8,10 @@ uploads that mlx-lm cannot load), is left out with a comment saying why.
 
 `tool_format` names the tool-call syntax the model emits, using mlx-lm's parser module
 names (mlx_lm/tool_parsers/) where one exists: "json_tools" (Hermes/Qwen `<tool_call>`
-JSON), "qwen3_coder" (`<function=...>` XML), "mistral" (`[TOOL_CALLS]`), "glm47"
-(`<arg_key>`/`<arg_value>`); and two without an mlx-lm parser: "llama3_json" (Llama 3.x
-bare JSON) and "harmony" (gpt-oss channels). `reasoning` is "think_tags" (`<think>`) or
+JSON), "qwen3_coder" (`<function=...>` XML), "mistral" (`[TOOL_CALLS]NAME[ARGS]`), "glm47"
+(`<arg_key>`/`<arg_value>`); "mistral_json" (v0.3/NeMo `[TOOL_CALLS][{...}]`, mlx-lm's
+mistral parser); and two without an mlx-lm parser: "llama3_json" (Llama 3.x bare JSON)
+and "harmony" (gpt-oss channels). `reasoning` is "think_tags" (`<think>`) or
 "harmony" (gpt-oss analysis channel). `context_length` is the family's advertised
 window; a downloaded model's own config.json takes precedence.
 """
@@ -327,7 +328,7 @@ _FAMILIES = (
         name="mistral",
         description="Mistral 7B Instruct v0.3 with native function calling",
         context_length=32768,
-        tool_format="mistral",
+        tool_format="mistral_json",
         reasoning=None,
         default_size="7b",
         default_quant="4bit",
@@ -340,7 +341,7 @@ _FAMILIES = (
         name="mistral-nemo",
         description="Mistral NeMo 12B instruct (2407), 128K context",
         context_length=131072,
-        tool_format="mistral",
+        tool_format="mistral_json",
         reasoning=None,
         default_size="12b",
         default_quant="4bit",

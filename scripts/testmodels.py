@@ -115,7 +115,7 @@ FAMILIES: dict[str, Family] = {
     ),
     # Mistral 7B v0.3 and NeMo: [TOOL_CALLS][{"name", "arguments"}, ...].
     "mistral_nemo": Family(
-        "mistral-nemo", "mistral", _MISTRAL_SPECIAL, (), "</s>", "<pad>", bos="<s>",
+        "mistral-nemo", "mistral_json", _MISTRAL_SPECIAL, (), "</s>", "<pad>", bos="<s>",
         tool_result="[TOOL_RESULTS]",
     ),
     # gpt-oss: <|channel|>CHANNEL[ to=functions.NAME]<|message|>BODY; a call ends

@@ -298,8 +298,8 @@ class Engine:
             except Exception as e:
                 log.exception("loading %s failed", ref.name)
                 raise ModelLoadFailed(f"model {ref.name!r} could not be loaded: {e}") from e
-            fmt = output_format_for(lm.tokenizer, tool_format=ref.tool_format)
-            log.info("model %s: tool-call format %s", ref.name, fmt.name or "none")
+            lm.output_format = output_format_for(lm.tokenizer, tool_format=ref.tool_format)
+            log.info("model %s: tool-call format %s", ref.name, lm.output_format.name or "none")
             self._loaded[ref.name] = lm
         self._loaded.move_to_end(ref.name)
         if self._current is not lm:
@@ -356,7 +356,7 @@ class Engine:
         req = handle.request
         lm = self._ensure_loaded(req.model)
         tokenizer = lm.tokenizer
-        fmt = output_format_for(tokenizer, tool_format=req.model.tool_format)
+        fmt = lm.output_format
         tools = req.tools if req.tool_choice != "none" else None
         prefix = forced_prefix(fmt, req.tool_choice, tools)
         try:

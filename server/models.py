@@ -29,6 +29,7 @@ class LoadedModel:
     context_length: int
     sampling_defaults: dict = field(default_factory=dict)
     load_seconds: float = 0.0
+    output_format: Any = None  # server.output.OutputFormat, set by the engine at load
     last_used: float = field(default_factory=time.monotonic)
 
     @property

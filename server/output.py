@@ -114,10 +114,10 @@ def output_format(
 
 def output_format_for(tokenizer: Any, tool_format: Optional[str] = None) -> OutputFormat:
     """The OutputFormat of an mlx-lm TokenizerWrapper; `tool_format` overrides the detected one."""
-    name = (
-        tool_format
-        or tokenizer.init_kwargs.get("tool_parser_type")
-        or tool_formats.detect(tokenizer.chat_template, tokenizer.get_vocab())
+    name = tool_formats.resolve(
+        tool_format or tokenizer.init_kwargs.get("tool_parser_type"),
+        tokenizer.chat_template,
+        tokenizer.get_vocab(),
     )
     think_start = getattr(tokenizer, "think_start", None)
     think_end = getattr(tokenizer, "think_end", None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import regex
@@ -139,6 +139,16 @@ HARMONY = ToolFormat(
     ),
 )
 
+MISTRAL = ToolFormat(  # [TOOL_CALLS]NAME[ARGS]{...} (v11+) or [TOOL_CALLS] [{"name": ..., "arguments": ...}]
+    name="mistral",
+    start="[TOOL_CALLS]",
+    end=None,
+    parse=_mlx_lm("mistral"),
+    headers=(OBJECT_HEADER, NAME_ARGS_HEADER),
+    required_prefix="[TOOL_CALLS]",
+    named_prefix="[TOOL_CALLS]{name}[ARGS]",
+)
+
 FORMATS: dict[str, ToolFormat] = {
     f.name: f
     for f in (
@@ -161,14 +171,14 @@ FORMATS: dict[str, ToolFormat] = {
             required_prefix='{"name": "',
             named_prefix='{"name": "{name}", "parameters": ',
         ),
-        ToolFormat(  # [TOOL_CALLS]NAME[ARGS]{...} (v11+) or [TOOL_CALLS] [{"name": ..., "arguments": ...}]
-            name="mistral",
-            start="[TOOL_CALLS]",
-            end=None,
-            parse=_mlx_lm("mistral"),
-            headers=(OBJECT_HEADER, NAME_ARGS_HEADER),
-            required_prefix="[TOOL_CALLS]",
-            named_prefix="[TOOL_CALLS]{name}[ARGS]",
+        MISTRAL,
+        # Mistral 7B v0.3 and NeMo (tokenizers without [ARGS]): the same parser, but a
+        # call is forced in their own syntax, [TOOL_CALLS][{"name": ..., "arguments": ...}].
+        replace(
+            MISTRAL,
+            name="mistral_json",
+            required_prefix='[TOOL_CALLS][{"name": "',
+            named_prefix='[TOOL_CALLS][{"name": "{name}", "arguments": ',
         ),
         ToolFormat(  # Qwen3-Coder: <tool_call>\n<function=NAME>\n<parameter=K>\nV\n</parameter>\n</function>\n</tool_call>
             name="qwen3_coder",
@@ -220,6 +230,15 @@ def lookup(name: Optional[str]) -> Optional[ToolFormat]:
         required_prefix=start or "",
         named_prefix=start or "",
     )
+
+
+def resolve(name: Optional[str], chat_template: Any, vocab: dict) -> Optional[str]:
+    """A model's tool format: `name` (configured, or inferred by mlx-lm) or else
+    detected, told apart by vocabulary where mlx-lm's name covers two syntaxes."""
+    name = name or detect(chat_template, vocab)
+    if name == "mistral" and "[ARGS]" not in vocab:
+        return "mistral_json"
+    return name
 
 
 def detect(chat_template: Any, vocab: dict) -> Optional[str]:

@@ -23,8 +23,9 @@ CHAT_WITHOUT_MARKER = {
     "glm-4.5-air": "chat model; the base is GLM-4.5-Air-Base",
     "glm-4.7-flash": "released only as the chat model",
 }
-# Tool-call formats the server must handle that mlx-lm has no parser module for.
-FORMATS_WITHOUT_MLX_LM_PARSER = {"llama3_json", "harmony"}
+# Format names mlxd adds: two formats mlx-lm has no parser for, and the mistral
+# parser under the name of the v0.3/NeMo syntax (its calls are forced differently).
+OUR_FORMAT_NAMES = {"llama3_json", "harmony", "mistral_json"}
 _PARSER_DIR = (
     Path(importlib.util.find_spec("mlx_lm").submodule_search_locations[0])
     / "tool_parsers"
@@ -65,7 +66,7 @@ def test_family_metadata_is_consistent(family):
     assert family.context_length >= 4096
     assert (
         family.tool_format is None
-        or family.tool_format in MLX_LM_PARSERS | FORMATS_WITHOUT_MLX_LM_PARSER
+        or family.tool_format in MLX_LM_PARSERS | OUR_FORMAT_NAMES
     )
     assert family.reasoning in (None, "think_tags", "harmony")
     assert family.calls_tools == (family.tool_format is not None)
@@ -86,4 +87,4 @@ def test_every_tag_and_repo_resolves_back_to_its_variant(family, variant):
 
 def test_mlx_lm_parser_names_exist_for_the_formats_we_claim():
     assert {"json_tools", "qwen3_coder", "mistral", "glm47"} <= MLX_LM_PARSERS
-    assert not FORMATS_WITHOUT_MLX_LM_PARSER & MLX_LM_PARSERS
+    assert not OUR_FORMAT_NAMES & MLX_LM_PARSERS

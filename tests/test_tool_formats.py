@@ -165,6 +165,7 @@ REASONING_KEY = {"harmony": "thinking"}
 FORCED = {
     "llama3": LLAMA_BASH,
     "mistral": MISTRAL_BASH,
+    "mistral_nemo": f"[TOOL_CALLS][{NEMO_BASH}]",
     "qwen3_coder": CODER_BASH,
     "harmony": HARMONY_BASH,
     "glm47": GLM_BASH + "<|observation|>",
