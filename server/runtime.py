@@ -51,10 +51,15 @@ class Runtime:
         for known_name, known_path in self.local_models.items():
             if name == known_name or name == str(known_path):
                 return ModelRef(name=known_name, path=known_path)
+        not_served = ModelNotFound(
+            f"The model '{name}' is not served here: start mlxd with --model {name} to serve a local directory."
+        )
         if _looks_like_path(name):
-            raise ModelNotFound(f"The model '{name}' is not served here: start mlxd with --model {name} to serve a local directory.")
+            raise not_served
         try:
             resolved = registry.resolve(name)
+            if resolved.repo is None:  # a relative path that happens to exist (e.g. "dir/../x")
+                raise not_served
             if resolved.path is None:
                 if not self.pull_on_demand:
                     raise ModelNotFound(f"The model '{name}' is not downloaded. Run: mlxd pull {name}")

@@ -7,7 +7,9 @@ tokenized by the model's own tokenizer, and the scripted model's known tokens.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import time
 
 import httpx
@@ -15,7 +17,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.conftest import GREETING, RANDOM_CONTEXT, ground_truth_prompt_tokens
-from tests.server_process import ServerProcess
+from tests.server_process import ROOT, ServerProcess
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 
@@ -266,6 +268,18 @@ def test_models_and_health(core_server):
     assert random_entry["size_bytes"] > 0
     assert core_server.get("/v1/models/greeter").json()["id"] == "greeter"
     assert core_server.get("/v1/models/nope").status_code == 404
+    assert core_server.get("/health").json()["status"] == "ok"
+
+
+def test_a_request_never_loads_a_directory_the_server_was_not_started_with(core_server, greeting_model, tmp_path):
+    elsewhere = shutil.copytree(greeting_model.path, tmp_path / "elsewhere")
+    # The server runs in the repository root; "tests/../..." is a relative path that exists there.
+    relative = "tests/" + os.path.relpath(elsewhere, ROOT / "tests")
+    for name in (str(elsewhere), relative):
+        response = core_server.post("/v1/chat/completions", json={"model": name, "messages": HELLO})
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "model_not_found"
+        assert "not served here" in response.json()["error"]["message"]
     assert core_server.get("/health").json()["status"] == "ok"
 
 
