@@ -283,10 +283,11 @@ def test_a_request_never_loads_a_directory_the_server_was_not_started_with(core_
     assert core_server.get("/health").json()["status"] == "ok"
 
 
-def test_a_failure_mid_stream_ends_with_an_error_and_usage_and_the_server_recovers(tmp_path, greeting_model):
+def test_a_failure_mid_generation_ends_with_an_error_and_usage_and_the_server_recovers(tmp_path, greeting_model):
     fail_after = 5
     server = ServerProcess(tmp_path, ["--model", str(greeting_model.path)],
-                           env={"MLXD_TEST_FAIL_AFTER": str(fail_after)}, module="tests.faulty_server").start()
+                           env={"MLXD_TEST_FAIL_AFTER": str(fail_after), "MLXD_TEST_FAILURES": "2"},
+                           module="tests.faulty_server").start()
     try:
         body = {"model": "greeter", "messages": HELLO, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
@@ -306,6 +307,12 @@ def test_a_failure_mid_stream_ends_with_an_error_and_usage_and_the_server_recove
         assert usage["usage"]["prompt_tokens"] == ground_truth_prompt_tokens(greeting_model.path, HELLO)
         assert usage["usage"]["completion_tokens"] == fail_after
         assert "generation failed" in server.log()
+
+        # Not streaming: an HTTP 500 in OpenAI's shape (the SDK raises), with the usage so far.
+        response = server.post("/v1/chat/completions", json={**body, "stream": False})
+        assert response.status_code == 500
+        assert response.json()["error"]["code"] == "generation_failed"
+        assert response.json()["usage"]["completion_tokens"] == fail_after
 
         answer = server.client().chat.completions.create(model="greeter", messages=HELLO, temperature=0)
         assert answer.choices[0].message.content == GREETING

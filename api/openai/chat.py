@@ -54,7 +54,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             sep="\n",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return JSONResponse(await _complete(response, handle, request))
+    return await _complete(response, handle, request)
 
 
 def to_generation_request(body: ChatCompletionRequest, ref) -> GenerationRequest:
@@ -139,9 +139,9 @@ class ChatResponse:
         return self._envelope([choice], usage)
 
     def usage_chunk(self, usage: Usage) -> dict:
-        return self._envelope([], usage, final=True)
+        return self._envelope([], usage)
 
-    def _envelope(self, choices: list, usage: Optional[Usage], final: bool = False) -> dict:
+    def _envelope(self, choices: list, usage: Optional[Usage]) -> dict:
         chunk = {
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -187,15 +187,6 @@ def _delta_of(event) -> Optional[dict]:
     return None
 
 
-async def _events(handle: RequestHandle) -> AsyncIterator:
-    """The engine's events for this request, one at a time, until Finish or Failure."""
-    while True:
-        for event in await handle.events.get():
-            yield event
-            if isinstance(event, (Finish, Failure)):
-                return
-
-
 async def _stream(response: ChatResponse, handle: RequestHandle) -> AsyncIterator[dict]:
     try:
         yield _data(response.chunk({"role": "assistant", "content": ""}))
@@ -234,7 +225,7 @@ def _data(obj: dict) -> dict:
     return {"data": json.dumps(obj, separators=(",", ":"), ensure_ascii=False)}
 
 
-async def _complete(response: ChatResponse, handle: RequestHandle, request: Request) -> dict:
+async def _complete(response: ChatResponse, handle: RequestHandle, request: Request) -> JSONResponse:
     """Assemble the whole answer; stop generating if the client goes away."""
     content, reasoning, calls, logprobs = [], [], {}, []
     collector = asyncio.ensure_future(_collect(handle, content, reasoning, calls, logprobs))
@@ -244,14 +235,14 @@ async def _complete(response: ChatResponse, handle: RequestHandle, request: Requ
             if not collector.done() and await request.is_disconnected():
                 handle.cancel()
                 collector.cancel()
-                return error_body("client disconnected", 499)
+                return JSONResponse(error_body("client disconnected", 499), status_code=499)
         last = collector.result()
     finally:
         handle.cancel()
     if isinstance(last, Failure):
         body = error_body(last.message, 500, code="generation_failed")
         body["usage"] = usage_dict(last.usage)
-        return body
+        return JSONResponse(body, status_code=500)
     message = {
         "role": "assistant",
         "content": "".join(content) if content or not calls else None,
@@ -263,7 +254,7 @@ async def _complete(response: ChatResponse, handle: RequestHandle, request: Requ
             {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": "".join(c["args"])}}
             for _, c in sorted(calls.items())
         ]
-    return {
+    return JSONResponse({
         "id": response.id,
         "object": "chat.completion",
         "created": response.created,
@@ -276,20 +267,21 @@ async def _complete(response: ChatResponse, handle: RequestHandle, request: Requ
             "finish_reason": last.reason,
         }],
         "usage": usage_dict(last.usage),
-    }
+    })
 
 
 async def _collect(handle, content, reasoning, calls, logprobs):
-    async for event in _events(handle):
-        if isinstance(event, ContentDelta):
-            content.append(event.text)
-        elif isinstance(event, ReasoningDelta):
-            reasoning.append(event.text)
-        elif isinstance(event, ToolCallStart):
-            calls[event.index] = {"id": event.id, "name": event.name, "args": []}
-        elif isinstance(event, ToolCallArguments):
-            calls[event.index]["args"].append(event.fragment)
-        elif isinstance(event, TokenLogprob):
-            logprobs.append(_logprob_dict(event))
-        elif isinstance(event, (Finish, Failure)):
-            return event
+    async for batch in _batched(handle):
+        if isinstance(batch, (Finish, Failure)):
+            return batch
+        for event in batch:
+            if isinstance(event, ContentDelta):
+                content.append(event.text)
+            elif isinstance(event, ReasoningDelta):
+                reasoning.append(event.text)
+            elif isinstance(event, ToolCallStart):
+                calls[event.index] = {"id": event.id, "name": event.name, "args": []}
+            elif isinstance(event, ToolCallArguments):
+                calls[event.index]["args"].append(event.fragment)
+            elif isinstance(event, TokenLogprob):
+                logprobs.append(_logprob_dict(event))
