@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from .errors import ContextLengthExceeded, EngineError, InternalError, InvalidPrompt, ModelLoadFailed, QueueFull
 from .events import Failure, Finish, ReasoningDelta, TokenLogprob, Usage
@@ -75,9 +75,6 @@ class Accepted:
     """The prompt is built and queued for prefill."""
 
     model: str
-    prompt_tokens: int
-    cached_tokens: int
-    max_tokens: int
 
 
 class RequestHandle:
@@ -89,7 +86,6 @@ class RequestHandle:
         self.accepted: asyncio.Future = loop.create_future()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
-        self.submitted_at = time.perf_counter()
 
     def cancel(self) -> None:
         """Called from asyncio when the client goes away; the engine drops it at the next step."""
@@ -163,7 +159,6 @@ class Engine:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._current: Optional[LoadedModel] = None
         self._batch = None
-        self._trimmable = True  # whether the current model's cache can always be cut back
         self._active: dict[int, _Active] = {}
         self._prompt_cache = None
         self._stopping = False
@@ -200,13 +195,12 @@ class Engine:
     def loaded_models(self) -> list[dict]:
         """Name, memory and idle time of each loaded model (a snapshot)."""
         now = time.monotonic()
-        busy = self._current.name if self._current and self._active else None
+        current = self._current  # read once: the engine thread may change it
+        busy = current.name if current is not None and self._active else None
         return [
             {
                 "name": m.name,
-                "path": str(m.path),
                 "memory_bytes": m.nbytes,
-                "context_length": m.context_length,
                 "idle_seconds": 0.0 if m.name == busy else round(now - m.last_used, 1),
             }
             for m in list(self._loaded.values())
@@ -291,8 +285,7 @@ class Engine:
         lm = self._loaded.get(ref.name)
         if lm is None:
             while len(self._loaded) >= self.max_loaded_models:
-                name, old = self._loaded.popitem(last=False)
-                self._unload(old, "to make room")
+                self._unload(next(iter(self._loaded)), "to make room")
             try:
                 lm = load_model(ref.name, ref.path, trust_remote_code=self.trust_remote_code)
             except Exception as e:
@@ -311,7 +304,6 @@ class Engine:
 
         self._close_batch()
         self._current = lm
-        self._trimmable = _cache_always_trimmable(lm.model)
         self._batch = BatchGenerator(
             lm.model,
             completion_batch_size=self.max_batch_size,
@@ -326,16 +318,16 @@ class Engine:
             self._batch = None
         self._current = None
 
-    def _unload(self, lm: LoadedModel, why: str) -> None:
+    def _unload(self, name: str, why: str) -> None:
+        """Drop a model and every reference to it, then give its memory back."""
         import gc
 
         import mlx.core as mx
 
-        if self._current is lm:
+        if self._current is self._loaded.pop(name):
             self._close_batch()
         self._prompt_cache.trim_to(n_sequences=0)
-        log.info("unloaded model %s (%s)", lm.name, why)
-        del lm
+        log.info("unloaded model %s (%s)", name, why)
         gc.collect()
         mx.clear_cache()
 
@@ -343,10 +335,9 @@ class Engine:
         if self.keep_alive < 0:
             return
         now = time.monotonic()
-        for name, lm in list(self._loaded.items()):
-            if now - lm.last_used > self.keep_alive:
-                del self._loaded[name]
-                self._unload(lm, f"idle for {self.keep_alive:.0f} s")
+        idle = [name for name, lm in self._loaded.items() if now - lm.last_used > self.keep_alive]
+        for name in idle:
+            self._unload(name, f"idle for {self.keep_alive:.0f} s")
 
     def _admit(self, handle: RequestHandle) -> None:
         import mlx.core as mx
@@ -364,7 +355,7 @@ class Engine:
             # it, so only the system prompt is checkpointed, for requests that share
             # it while this one runs; other caches resume at message checkpoints.
             prompt = build_prompt(tokenizer, req.messages, tools, suffix=prefix,
-                                  recent_checkpoints=not self._trimmable)
+                                  recent_checkpoints=not lm.cache_trimmable)
         except ValueError as e:
             raise InvalidPrompt(str(e)) from e
         n_prompt = len(prompt.tokens)
@@ -424,7 +415,7 @@ class Engine:
             started_at=time.perf_counter(),
         )
         lm.last_used = time.monotonic()
-        handle._accept(Accepted(lm.name, n_prompt, n_cached, max_tokens))
+        handle._accept(Accepted(lm.name))
 
     def _step_safely(self) -> None:
         try:
@@ -433,10 +424,8 @@ class Engine:
             log.exception("generation failed")
             for uid, active in list(self._active.items()):
                 self._finish(uid, active, Failure(f"generation failed: {e}", active.usage))
-            lm = self._current
-            self._close_batch()
-            if lm is not None:
-                self._switch_to(lm)
+            if self._current is not None:
+                self._switch_to(self._current)  # a fresh batch
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -591,14 +580,6 @@ def _fetch_cache(prompt_cache, model_name: str, tokens: list[int]):
         cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens[:-1])
         rest = rest + tokens[-1:]
     return cache, rest
-
-
-def _cache_always_trimmable(model) -> bool:
-    """Plain KV caches can be cut back to any prefix; rotating (sliding-window)
-    and recurrent ones cannot once they are full."""
-    from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
-
-    return all(type(c) in (KVCache, QuantizedKVCache) for c in make_prompt_cache(model))
 
 
 def _token_text(tokenizer, token_id: int) -> str:

@@ -43,8 +43,6 @@ class ContextLengthExceeded(EngineError):
             f"This model's maximum context length is {context_length} tokens, "
             f"but the prompt has {prompt_tokens} tokens. Please reduce the length of the messages."
         )
-        self.context_length = context_length
-        self.prompt_tokens = prompt_tokens
 
 
 class InternalError(EngineError):

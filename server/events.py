@@ -7,7 +7,7 @@ wire chunks. Keeping them plain dataclasses keeps HTTP out of the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Union
 
 
 @dataclass(frozen=True)
@@ -76,4 +76,3 @@ class Failure:
 
 
 ParsedEvent = Union[ContentDelta, ReasoningDelta, ToolCallStart, ToolCallArguments]
-EngineEvent = Union[ParsedEvent, TokenLogprob, Finish, Failure]

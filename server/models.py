@@ -28,15 +28,12 @@ class LoadedModel:
     tokenizer: Any
     context_length: int
     sampling_defaults: dict = field(default_factory=dict)
-    load_seconds: float = 0.0
+    nbytes: int = 0  # of the weights
+    # Plain KV caches can be cut back to any prefix; rotating (sliding-window)
+    # and recurrent ones cannot once they are full.
+    cache_trimmable: bool = True
     output_format: Any = None  # server.output.OutputFormat, set by the engine at load
     last_used: float = field(default_factory=time.monotonic)
-
-    @property
-    def nbytes(self) -> int:
-        from mlx.utils import tree_flatten
-
-        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
 
 def read_json(path: Path) -> dict:
@@ -66,7 +63,9 @@ def sampling_defaults_of(path: Path) -> dict:
 
 def load_model(name: str, path: Path, trust_remote_code: bool = False) -> LoadedModel:
     """Load weights and tokenizer with mlx-lm, logging what loaded and how long it took."""
+    from mlx.utils import tree_flatten
     from mlx_lm import load
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
     log.info("loading model %s from %s", name, path)
     start = time.perf_counter()
@@ -79,7 +78,8 @@ def load_model(name: str, path: Path, trust_remote_code: bool = False) -> Loaded
         tokenizer=tokenizer,
         context_length=context_length_of(read_json(path / "config.json")),
         sampling_defaults=sampling_defaults_of(path),
-        load_seconds=seconds,
+        nbytes=sum(v.nbytes for _, v in tree_flatten(model.parameters())),
+        cache_trimmable=all(type(c) in (KVCache, QuantizedKVCache) for c in make_prompt_cache(model)),
     )
     log.info(
         "loaded model %s in %.2f s (%.1f MB, context %d tokens)",

@@ -14,7 +14,6 @@ import functools
 import json
 import re
 from pathlib import Path
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
