@@ -9,6 +9,7 @@ asyncio queue with `call_soon_threadsafe`, so the event loop never blocks on MLX
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -342,7 +343,7 @@ class Engine:
     def _admit(self, handle: RequestHandle) -> None:
         import mlx.core as mx
         from mlx_lm.generate import make_stop_sequences
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+        from mlx_lm.sample_utils import make_logits_processors
 
         req = handle.request
         lm = self._ensure_loaded(req.model)
@@ -374,13 +375,7 @@ class Engine:
         sampling = _effective_sampling(req.sampling, lm.sampling_defaults)
         if req.sampling.seed is not None:
             mx.random.seed(req.sampling.seed)
-        greedy = sampling["temperature"] == 0
-        sampler = None if greedy else make_sampler(
-            sampling["temperature"],
-            top_p=sampling["top_p"] if sampling["top_p"] < 1.0 else 0.0,
-            min_p=sampling["min_p"],
-            top_k=sampling["top_k"],
-        )
+        sampler = _sampler(sampling["temperature"], sampling["top_p"], sampling["min_p"], sampling["top_k"])
         processors = make_logits_processors(
             req.sampling.logit_bias,
             sampling.get("repetition_penalty"),
@@ -592,6 +587,15 @@ def _segments(tokens: list[int], n_cached: int, checkpoints: dict[int, str]) -> 
     cuts = sorted(checkpoints) + [len(tokens)]
     starts = [n_cached] + cuts[:-1]
     return [tokens[a:b] for a, b in zip(starts, cuts)]
+
+
+@functools.lru_cache(maxsize=64)
+def _sampler(temperature: float, top_p: float, min_p: float, top_k: int):
+    """One sampler object per setting: mlx-lm samples a whole batch in one call
+    when its requests share the sampler object (greedy ones always do)."""
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
 
 
 def _effective_sampling(sampling: SamplingParams, model_defaults: dict) -> dict:
