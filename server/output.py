@@ -190,6 +190,7 @@ class OutputParser:
         self._buf = ""  # text not yet handled
         self._ws = ""  # trailing whitespace of the current text run, held until more text follows
         self._dropped_ws = ""
+        self._resume = CONTENT  # the text state a call region returns to
         self._lstrip = True  # drop leading whitespace of the next text run
         self._said_content = False
         self._implicit_tried = False
@@ -264,10 +265,8 @@ class OutputParser:
                 if rest is None:
                     return
                 self._region, self._buf = None, rest
-                if (
-                    self._state == TOOL
-                ):  # the region closed (a broken one has put the parser in content already)
-                    self._state = CONTENT
+                if self._state == TOOL:  # the region closed (a broken one has resumed already)
+                    self._state = self._resume
                     self._end_run()
                 continue
             if self._state == HEADER:
@@ -340,14 +339,14 @@ class OutputParser:
         self._buf = self._buf[end + len(channels.body) :]
         kind, name = channels.route(header)
         if kind == "tool" and self._tools_on:
-            self._state = TOOL
+            self._state, self._resume = TOOL, CONTENT
             self._region = _JsonCalls(self, self._tf, header + channels.body, name=name)
         else:
             self._state = REASONING if kind == "reasoning" else CONTENT
         return True
 
     def _open_region(self, opener: str) -> None:
-        self._state = TOOL
+        self._state, self._resume = TOOL, self._state
         region = _JsonCalls if self._tf.streams_arguments else _WholeCalls
         self._region = region(self, self._tf, opener)
 
@@ -379,7 +378,7 @@ class OutputParser:
     def _end_run(self) -> None:
         """Markup ends the current run of text: its trailing whitespace is dropped
         (kept aside in case the markup turns out to be content)."""
-        self._dropped_ws = self._ws if self._state == CONTENT else ""
+        self._dropped_ws = self._ws
         self._ws, self._lstrip = "", True
 
     def _take(self) -> list[ParsedEvent]:
@@ -389,8 +388,8 @@ class OutputParser:
     # -- called by call regions ----------------------------------------------
 
     def _raw(self, text: str) -> None:
-        """Text of a broken call region, returned as content as it was written."""
-        self._state = CONTENT
+        """Text of a broken call region, returned as written to the text it interrupted."""
+        self._state = self._resume
         self._ws, self._lstrip = self._dropped_ws, False
         self._text(text)
 

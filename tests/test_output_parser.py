@@ -183,6 +183,12 @@ def test_prompt_opened_reasoning_and_stray_think_end():
     assert parse(THINK, "Hi.</think> There.")[0] == [C("Hi. There.")]
 
 
+def test_a_tool_marker_inside_reasoning_that_is_no_call_stays_reasoning():
+    text = "I should use <tool_call> for that. Then answer.</think>The answer is 4."
+    events, reason = parse(THINK, text, markup_allowed=True, starts_in_reasoning=True)
+    assert (events, reason) == ([R("I should use <tool_call> for that. Then answer."), C("The answer is 4.")], "stop")
+
+
 def test_in_reasoning_tracks_the_state():
     parser = OutputParser(THINK, tools=TOOLS)
     states = []
