@@ -77,7 +77,7 @@ from server.events import (
     ToolCallArguments,
     ToolCallStart,
 )
-from server.tool_formats import ToolFormat, ToolParser, call_from_json
+from server.tool_formats import ToolFormat, call_from_json
 
 log = logging.getLogger("mlxd.output")
 
@@ -90,14 +90,15 @@ _ID_CHARS = string.ascii_letters + string.digits
 
 @dataclass(frozen=True)
 class OutputFormat:
-    """What the model's text looks like; `name` is None when it has no known tool-call format."""
+    """What the model's text looks like: its think tags and its tool-call format, if known."""
 
     think_start: Optional[str]
     think_end: Optional[str]
-    tool_call_start: Optional[str]
-    tool_call_end: Optional[str]
-    tool_parser: Optional[ToolParser]
-    name: Optional[str]
+    tool: Optional[ToolFormat]
+
+    @property
+    def name(self) -> Optional[str]:
+        return self.tool.name if self.tool else None
 
 
 def output_format(
@@ -105,11 +106,9 @@ def output_format(
 ) -> OutputFormat:
     """The OutputFormat of tool format `name` (a catalog family's `tool_format`)."""
     tf = tool_formats.lookup(name)
-    if tf is None:
-        return OutputFormat(think_start, think_end, None, None, None, None)
-    if tf.channels is not None:  # harmony reasons in its analysis channel, not in think tags
+    if tf is not None and tf.channels is not None:  # harmony reasons in its analysis channel
         think_start = think_end = None
-    return OutputFormat(think_start, think_end, tf.start, tf.end, tf.parse, tf.name)
+    return OutputFormat(think_start, think_end, tf)
 
 
 def output_format_for(tokenizer: Any, tool_format: Optional[str] = None) -> OutputFormat:
@@ -119,19 +118,7 @@ def output_format_for(tokenizer: Any, tool_format: Optional[str] = None) -> Outp
         tokenizer.chat_template,
         tokenizer.get_vocab(),
     )
-    think_start = getattr(tokenizer, "think_start", None)
-    think_end = getattr(tokenizer, "think_end", None)
-    fmt = output_format(name, think_start, think_end)
-    if fmt.name is None and name and getattr(tokenizer, "tool_parser", None) is not None:
-        fmt = OutputFormat(
-            think_start,
-            think_end,
-            tokenizer.tool_call_start,
-            tokenizer.tool_call_end or None,
-            tokenizer.tool_parser,
-            name,
-        )
-    return fmt
+    return output_format(name, getattr(tokenizer, "think_start", None), getattr(tokenizer, "think_end", None))
 
 
 def forced_prefix(
@@ -140,24 +127,12 @@ def forced_prefix(
     """Text to append to the prompt so the model must call a tool ("required")
     or the named one; "" for auto / none. Formats whose calls cannot be forced
     by a prefix get their start marker only."""
-    tf = _tool_format(fmt)
+    tf = fmt.tool
     if not tools or tf is None or tool_choice in (None, "auto", "none"):
         return ""
     if tool_choice == "required":
         return tf.required_prefix
     return tf.named_prefix.replace("{name}", tool_choice["function"]["name"])
-
-
-def _tool_format(fmt: OutputFormat) -> Optional[ToolFormat]:
-    tf = tool_formats.lookup(fmt.name)
-    if tf is None and fmt.tool_parser is not None:
-        tf = ToolFormat(
-            fmt.name or "custom",
-            fmt.tool_call_start or None,
-            fmt.tool_call_end or None,
-            fmt.tool_parser,
-        )
-    return tf
 
 
 class OutputParser:
@@ -177,7 +152,7 @@ class OutputParser:
         self.format = fmt
         self.tools = tools
         self.stopped = False
-        self._tf = _tool_format(fmt)
+        self._tf = fmt.tool
         self._tools_on = bool(tools) and tool_choice != "none" and self._tf is not None
         self._single = not parallel_tool_calls or isinstance(tool_choice, dict)
         self._patterns = {

@@ -1,15 +1,14 @@
 """How each model family writes tool calls, kept in one place.
 
-A `ToolFormat` names the markers around a call, the function that parses a
-finished call, and what the streaming parser (`server/output.py`) needs to
-stream arguments: for JSON-argument formats, `headers` match a call's text up
-to the start of its arguments object, so the call can be announced and its
-arguments streamed while the model writes them. Formats without `headers` are
-parsed whole when their end marker arrives.
+A `ToolFormat` names the markers around a call and what the streaming parser
+(`server/output.py`) needs: for JSON-argument formats, `headers` match a call's
+text up to the start of its arguments object, so the call can be announced and
+its arguments streamed while the model writes them (harmony: `channels`). Other
+formats are parsed whole by `parse` when their end marker arrives.
 
-mlx-lm's own parsers (`mlx_lm.tool_parsers.*`) are used wherever they cover a
-format; this module adds what mlx-lm lacks (Llama 3.x JSON calls and gpt-oss
-harmony) and the knowledge needed to stream and to force a call.
+Those whole-call parsers are mlx-lm's own (`mlx_lm.tool_parsers.*`); this module
+adds what mlx-lm lacks (streaming JSON calls, Llama 3.x JSON calls, gpt-oss
+harmony) and the knowledge needed to force a call.
 """
 
 from __future__ import annotations
@@ -52,7 +51,9 @@ class ToolFormat:
     name: str
     start: Optional[str]  # marker that opens a call region (None: no marker)
     end: Optional[str]  # marker that closes it (None: the region ends with its calls)
-    parse: ToolParser  # parses a whole region body: dict or list of {"name", "arguments"}
+    # Parses a whole region body into a dict or list of {"name", "arguments"};
+    # formats that stream their arguments (headers, channels) need none.
+    parse: Optional[ToolParser] = None
     headers: tuple[regex.Pattern, ...] = ()  # JSON-argument formats: see module docstring
     implicit_start: bool = False  # a response that begins with "{" is a call (Llama 3.x)
     required_prefix: str = ""  # text that forces the model into some call
@@ -76,23 +77,6 @@ def call_from_json(value: Any) -> dict:
     return {"name": value["name"], "arguments": arguments}
 
 
-def parse_json_calls(text: str, tools: Optional[list] = None) -> dict | list[dict]:
-    """Calls written as JSON objects, one or more, separated by `;`, `,` or
-    whitespace, optionally inside a list (Llama 3.x; also any single object)."""
-    decoder = json.JSONDecoder()
-    text = text.replace("<|python_tag|>", "")
-    calls, pos = [], 0
-    while pos < len(text):
-        if text[pos].isspace() or text[pos] in ",;[]":
-            pos += 1
-            continue
-        value, pos = decoder.raw_decode(text, pos)
-        calls.append(call_from_json(value))
-    if not calls:
-        raise ValueError("no tool call found")
-    return calls[0] if len(calls) == 1 else calls
-
-
 _HARMONY_CHANNEL = regex.compile(r"<\|channel\|>\s*(\w+)")
 _HARMONY_RECIPIENT = regex.compile(r"to=functions\.([^\s<]+)")
 
@@ -103,15 +87,6 @@ def _harmony_route(header: str) -> tuple[str, Optional[str]]:
         return "tool", recipient.group(1)
     channel = _HARMONY_CHANNEL.search(header)
     return ("reasoning" if channel and channel.group(1) == "analysis" else "content"), None
-
-
-def parse_harmony_call(text: str, tools: Optional[list] = None) -> dict:
-    """A harmony call message: `...to=functions.NAME ...<|message|>{arguments}`."""
-    recipient = _HARMONY_RECIPIENT.search(text)
-    _, sep, body = text.partition("<|message|>")
-    if not recipient or not sep:
-        raise ValueError("no harmony tool call found")
-    return call_from_json({"name": recipient.group(1), "arguments": json.loads(body)})
 
 
 def _mlx_lm(module: str) -> ToolParser:
@@ -127,7 +102,6 @@ HARMONY = ToolFormat(
     name="harmony",
     start=None,
     end=None,
-    parse=parse_harmony_call,
     required_prefix="<|channel|>commentary to=functions.",
     named_prefix="<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>",
     channels=Channels(
@@ -143,7 +117,6 @@ MISTRAL = ToolFormat(  # [TOOL_CALLS]NAME[ARGS]{...} (v11+) or [TOOL_CALLS] [{"n
     name="mistral",
     start="[TOOL_CALLS]",
     end=None,
-    parse=_mlx_lm("mistral"),
     headers=(OBJECT_HEADER, NAME_ARGS_HEADER),
     required_prefix="[TOOL_CALLS]",
     named_prefix="[TOOL_CALLS]{name}[ARGS]",
@@ -156,7 +129,6 @@ FORMATS: dict[str, ToolFormat] = {
             name="json_tools",
             start="<tool_call>",
             end="</tool_call>",
-            parse=_mlx_lm("json_tools"),
             headers=(OBJECT_HEADER,),
             required_prefix="<tool_call>\n",
             named_prefix='<tool_call>\n{"name": "{name}", "arguments": ',
@@ -165,7 +137,6 @@ FORMATS: dict[str, ToolFormat] = {
             name="llama3_json",
             start="<|python_tag|>",
             end=None,
-            parse=parse_json_calls,
             headers=(OBJECT_HEADER,),
             implicit_start=True,
             required_prefix='{"name": "',

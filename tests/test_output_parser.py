@@ -17,6 +17,7 @@ import re
 
 import pytest
 
+from server import tool_formats
 from server.events import ContentDelta, ReasoningDelta, ToolCallArguments, ToolCallStart
 from server.output import (
     _coalesce,
@@ -26,7 +27,6 @@ from server.output import (
     output_format,
     output_format_for,
 )
-from server.tool_formats import parse_harmony_call, parse_json_calls
 
 C, R, A = ContentDelta, ReasoningDelta, ToolCallArguments
 
@@ -539,7 +539,7 @@ def test_glm47_and_pythonic_calls():
 def test_any_mlx_lm_parser_module_works_whole():
     fmt = output_format("minimax_m2")
     text = '<minimax:tool_call>\n<invoke name="bash">\n<parameter name="command">ls</parameter>\n</invoke>\n</minimax:tool_call>'
-    assert fmt.tool_call_start == "<minimax:tool_call>"
+    assert fmt.tool.start == "<minimax:tool_call>"
     assert parse(fmt, text) == ([S(0, "bash"), A(0, '{"command": "ls"}')], "tool_calls")
 
 
@@ -580,24 +580,6 @@ def test_harmony_in_reasoning_and_cut_header():
 # -- format parsers and detection ---------------------------------------------------
 
 
-def test_format_parsers():
-    assert parse_json_calls('<|python_tag|>{"name": "a", "parameters": {"x": 1}}') == {
-        "name": "a",
-        "arguments": {"x": 1},
-    }
-    assert parse_json_calls(
-        '[{"name": "a", "arguments": {}}, {"name": "b", "arguments": "{}"}]'
-    ) == [
-        {"name": "a", "arguments": {}},
-        {"name": "b", "arguments": {}},
-    ]
-    with pytest.raises(ValueError):
-        parse_json_calls('{"foo": 1}')
-    assert parse_harmony_call(
-        '<|channel|>commentary to=functions.bash <|constrain|>json<|message|>{"command": "ls"}'
-    ) == {"name": "bash", "arguments": {"command": "ls"}}
-
-
 def _wrapper(tmp_path, template: str, tokens: list[str]):
     """A real mlx-lm TokenizerWrapper around a tiny word-level tokenizer."""
     from pathlib import Path
@@ -625,18 +607,18 @@ def test_output_format_for_reads_the_tokenizer_wrapper(tmp_path):
     fmt = output_format_for(
         _wrapper(tmp_path / "q", qwen, ["<tool_call>", "</tool_call>", "<think>", "</think>"])
     )
-    assert (fmt.name, fmt.think_start, fmt.think_end, fmt.tool_call_start, fmt.tool_call_end) == (
+    assert (fmt.name, fmt.think_start, fmt.think_end, fmt.tool.start, fmt.tool.end) == (
         "json_tools",
         "<think>",
         "</think>",
         "<tool_call>",
         "</tool_call>",
     )
-    assert fmt.tool_parser('{"name": "a", "arguments": {}}') == {"name": "a", "arguments": {}}
+    assert fmt.tool is tool_formats.FORMATS["json_tools"]
 
     llama = '{{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.\' }}'
     fmt = output_format_for(_wrapper(tmp_path / "l", llama, ["<|python_tag|>", "<|eot_id|>"]))
-    assert (fmt.name, fmt.think_start, fmt.tool_call_start) == (
+    assert (fmt.name, fmt.think_start, fmt.tool.start) == (
         "llama3_json",
         None,
         "<|python_tag|>",
