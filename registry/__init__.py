@@ -3,7 +3,7 @@
 from .catalog import CATALOG, Family, Variant, families
 from .errors import NOT_FOUND, UNAVAILABLE, RegistryError
 from .hub import pull
-from .store import LocalModel, ResolvedModel, list_models, remove, resolve
+from .store import LocalModel, ResolvedModel, config_context_length, directory_size, list_models, remove, resolve
 
 __all__ = [
     "CATALOG",
@@ -14,6 +14,8 @@ __all__ = [
     "RegistryError",
     "ResolvedModel",
     "Variant",
+    "config_context_length",
+    "directory_size",
     "families",
     "list_models",
     "pull",

@@ -7,6 +7,7 @@ download never shows up in `list_models` and never resolves to a path.
 """
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from .errors import NOT_FOUND, RegistryError
 from .names import parse, repo_ref
 
 _INDEX = "model.safetensors.index.json"
+_SHARD = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model")
 
 
@@ -73,7 +75,7 @@ def list_models() -> list[LocalModel]:
             context = config_context_length(path) or (
                 ref.family.context_length if ref.family else None
             )
-            models.append(LocalModel(ref.name, repo, path, _size(path), context))
+            models.append(LocalModel(ref.name, repo, path, directory_size(path), context))
     return sorted(models, key=lambda m: m.name)
 
 
@@ -133,8 +135,8 @@ def missing_files(path: Path) -> list[str]:
     """What a directory lacks to be loadable by mlx-lm; empty means complete.
 
     Complete means: config.json; every shard the safetensors index lists (or, without an
-    index, at least one `model*.safetensors`, the only weight files mlx-lm loads); and a
-    tokenizer. Files in a snapshot are links to finished blobs, so a half-written file
+    index, a `model*.safetensors` file or a whole numbered set of them: the only weight
+    files mlx-lm loads); and a tokenizer. Files in a snapshot are links to finished blobs, so a half-written file
     is simply absent, and a dangling link (blob deleted) counts as missing.
     """
     missing = [] if (path / "config.json").is_file() else ["config.json"]
@@ -145,8 +147,8 @@ def missing_files(path: Path) -> list[str]:
         except (ValueError, KeyError, AttributeError, TypeError):
             shards = [f"{_INDEX} (unreadable)"]
         missing += [s for s in shards if not (path / s).is_file()]
-    elif not any(p.is_file() for p in path.glob("model*.safetensors")):
-        missing.append("model*.safetensors")
+    else:
+        missing += _missing_weights_without_index(path)
     has_tokenizer = any((path / f).is_file() for f in _TOKENIZER_FILES) or any(
         path.glob("*.tiktoken")
     )
@@ -155,8 +157,23 @@ def missing_files(path: Path) -> list[str]:
     return missing
 
 
+def _missing_weights_without_index(path: Path) -> list[str]:
+    """Without an index: at least one `model*.safetensors`, and numbered shards
+    (`model-00001-of-00004.safetensors`) only as a whole set (the index may be
+    the file a broken download lacks)."""
+    names = {p.name for p in path.glob("model*.safetensors") if p.is_file()}
+    if not names:
+        return ["model*.safetensors"]
+    expected = set()
+    for match in filter(None, map(_SHARD.fullmatch, names)):
+        total = match.group(2)
+        expected |= {f"model-{i:0{len(total)}d}-of-{total}.safetensors" for i in range(1, int(total) + 1)}
+    return sorted(expected - names)
+
+
 def config_context_length(path: Path) -> int | None:
-    """config.json's `max_position_embeddings`, or its `text_config`'s (multimodal)."""
+    """The longest sequence the model was trained for, from its config.json (or
+    the `text_config` of a multimodal one); None when the config does not say."""
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -164,12 +181,14 @@ def config_context_length(path: Path) -> int | None:
     if not isinstance(config, dict):
         return None
     text_config = config.get("text_config")
-    for section in (config, text_config if isinstance(text_config, dict) else {}):
-        value = section.get("max_position_embeddings")
-        if isinstance(value, int):
-            return value
+    sections = (config, text_config if isinstance(text_config, dict) else {})
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
+        for section in sections:
+            value = section.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
     return None
 
 
-def _size(snapshot: Path) -> int:
-    return sum(f.stat().st_size for f in snapshot.rglob("*") if f.is_file())
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

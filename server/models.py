@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from registry import config_context_length
+
 log = logging.getLogger("mlxd.models")
 
 DEFAULT_CONTEXT_LENGTH = 4096
@@ -43,16 +45,6 @@ def read_json(path: Path) -> dict:
         return {}
 
 
-def context_length_of(config: dict) -> int:
-    """The longest sequence the model was trained for, from its config.json."""
-    text_config = config.get("text_config") or {}
-    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
-        value = config.get(key) or text_config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return DEFAULT_CONTEXT_LENGTH
-
-
 def sampling_defaults_of(path: Path) -> dict:
     """The model authors' recommended sampling, from generation_config.json."""
     config = read_json(path / "generation_config.json")
@@ -76,7 +68,7 @@ def load_model(name: str, path: Path, trust_remote_code: bool = False) -> Loaded
         path=path,
         model=model,
         tokenizer=tokenizer,
-        context_length=context_length_of(read_json(path / "config.json")),
+        context_length=config_context_length(path) or DEFAULT_CONTEXT_LENGTH,
         sampling_defaults=sampling_defaults_of(path),
         nbytes=sum(v.nbytes for _, v in tree_flatten(model.parameters())),
         cache_trimmable=all(type(c) in (KVCache, QuantizedKVCache) for c in make_prompt_cache(model)),

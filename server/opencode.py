@@ -21,7 +21,7 @@ from pathlib import Path
 
 import registry
 
-from .models import context_length_of, read_json
+from .models import DEFAULT_CONTEXT_LENGTH
 
 PROVIDER_ID = "mlxd"
 SCHEMA = "https://opencode.ai/config.json"
@@ -96,7 +96,7 @@ def _model(resolved: registry.ResolvedModel) -> OpencodeModel:
         )
     return OpencodeModel(
         id=resolved.name if resolved.repo else resolved.path.name,
-        context_length=context_length_of(read_json(resolved.path / "config.json")),
+        context_length=resolved.context_length or DEFAULT_CONTEXT_LENGTH,
         tool_call=_calls_tools(resolved.path, resolved.family),
     )
 

@@ -11,7 +11,7 @@ import registry
 
 from .engine import Engine, ModelRef
 from .errors import ModelNotFound, ModelUnavailable
-from .models import context_length_of, read_json
+from .models import DEFAULT_CONTEXT_LENGTH
 
 log = logging.getLogger("mlxd.runtime")
 
@@ -26,10 +26,6 @@ class ModelInfo:
     loaded: bool = False
     memory_bytes: Optional[int] = None
     idle_seconds: Optional[float] = None
-
-
-def directory_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _looks_like_path(name: str) -> bool:
@@ -78,8 +74,8 @@ class Runtime:
             ModelInfo(
                 id=name,
                 path=str(path),
-                context_length=context_length_of(read_json(path / "config.json")),
-                size_bytes=directory_size(path),
+                context_length=registry.config_context_length(path) or DEFAULT_CONTEXT_LENGTH,
+                size_bytes=registry.directory_size(path),
             )
             for name, path in sorted(self.local_models.items())
         ]

@@ -58,6 +58,14 @@ def test_missing_files_names_what_a_directory_lacks(tmp_path):
     assert missing_files(model) == ["model.safetensors.index.json (unreadable)"]
 
 
+def test_numbered_shards_without_their_index_count_only_as_a_whole_set(tmp_path):
+    model = write_model(tmp_path / "m", shards=3)
+    (model / "model.safetensors.index.json").unlink()
+    assert missing_files(model) == []
+    (model / "model-00003-of-00003.safetensors").unlink()
+    assert missing_files(model) == ["model-00003-of-00003.safetensors"]
+
+
 def test_old_weights_layout_is_not_a_model(tmp_path):
     model = write_model(tmp_path / "m")
     (model / "model.safetensors").rename(model / "weights.00.safetensors")
