@@ -3,13 +3,12 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
-stamp="$venv/.mlxd-installed"
-want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+stamp="$venv/.mlxd-installed-pyproject.toml"  # a copy of what was installed (no sha256sum on macOS)
 if [ ! -x "$venv/bin/python" ]; then
     echo "mlxd: creating a virtual environment in $venv" >&2
     "${PYTHON:-python3}" -m venv "$venv"
 fi
-if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+if ! cmp -s "$root/pyproject.toml" "$stamp"; then
     echo "mlxd: installing mlxd and its dependencies into $venv (log: $venv/install.log)" >&2
     if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -e "$root[test]"; } \
         > "$venv/install.log" 2>&1; then
@@ -17,5 +16,5 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
         echo "mlxd: installation failed; the full log is $venv/install.log" >&2
         exit 1
     fi
-    echo "$want" > "$stamp"
+    cp "$root/pyproject.toml" "$stamp"
 fi
