@@ -33,6 +33,11 @@ class ResolvedModel:
     context_length: int | None
     family: Family | None
 
+    @property
+    def served_name(self) -> str:
+        """What mlxd serves it as: its registry name, or a local directory's folder name."""
+        return self.name if self.repo else self.path.name
+
 
 @dataclass(frozen=True)
 class LocalModel:

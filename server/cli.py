@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import registry
@@ -18,10 +17,7 @@ log = logging.getLogger("mlxd")
 
 
 def version() -> str:
-    try:
-        return metadata.version("mlxd")
-    except metadata.PackageNotFoundError:
-        return "0+checkout"
+    return doctor.package_version("mlxd") or "0+checkout"
 
 
 @dataclass
@@ -36,13 +32,13 @@ def _served_model(name: str, pull: bool) -> _ServedModel:
     """A --model argument: a local directory, or a registry name that is (or gets) downloaded."""
     resolved = registry.resolve(name)
     if resolved.repo is None:
-        return _ServedModel(resolved.path.resolve().name, resolved.path, local=True)
+        return _ServedModel(resolved.served_name, resolved.path, local=True)
     if resolved.path is None:
         if not pull:
             raise registry.RegistryError(registry.NOT_FOUND, f"{resolved.name} is not downloaded. Run: mlxd pull {name}")
         resolved = registry.pull(name)
     tool_format = resolved.family.tool_format if resolved.family else None
-    return _ServedModel(resolved.name, resolved.path, local=False, tool_format=tool_format)
+    return _ServedModel(resolved.served_name, resolved.path, local=False, tool_format=tool_format)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from server.blas import describe, setup_blas
+from server.registry_cli import human_bytes
 
 HUB_TIMEOUT_S = 3.0
 
@@ -114,14 +115,6 @@ def collect() -> dict[str, Any]:
     }
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def format_table(data: dict[str, Any]) -> str:
     """The short human-readable form of `collect()`."""
     versions = data["versions"]
@@ -138,9 +131,9 @@ def format_table(data: dict[str, Any]) -> str:
         ("mlxd", versions["mlxd"] or "not installed (running from a checkout)"),
         ("device", data["device"]),
         ("blas", data["blas"]["summary"].removeprefix("BLAS: ")),
-        ("hf cache", f"{data['hf_cache']['path']} ({_size(data['hf_cache']['free_bytes'])} free)"),
+        ("hf cache", f"{data['hf_cache']['path']} ({human_bytes(data['hf_cache']['free_bytes'])} free)"),
         ("models", f"{len(data['models'])} MLX model(s) in the cache"),
-        *(("", f"{m['repo_id']}  {_size(m['size_bytes'])}") for m in data["models"]),
+        *(("", f"{m['repo_id']}  {human_bytes(m['size_bytes'])}") for m in data["models"]),
         ("hub", hub_line),
     ]
     width = max(len(key) for key, _ in rows)

@@ -95,7 +95,7 @@ def _model(resolved: registry.ResolvedModel) -> OpencodeModel:
             registry.NOT_FOUND, f"{resolved.name} is not downloaded. Run: mlxd pull {resolved.name}"
         )
     return OpencodeModel(
-        id=resolved.name if resolved.repo else resolved.path.name,
+        id=resolved.served_name,
         context_length=resolved.context_length or DEFAULT_CONTEXT_LENGTH,
         tool_call=_calls_tools(resolved.path, resolved.family),
     )

@@ -69,7 +69,7 @@ def _ls(args: argparse.Namespace) -> int:
         )
         return 0
     rows = [
-        [m.name, m.repo, _bytes(m.size_bytes), _tokens(m.context_length)]
+        [m.name, m.repo, human_bytes(m.size_bytes), _tokens(m.context_length)]
         for m in models
     ]
     _table(["NAME", "REPO", "SIZE", "CONTEXT"], rows)
@@ -78,7 +78,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _rm(args: argparse.Namespace) -> int:
     freed = registry.remove(args.name)
-    print(f"removed {args.name} ({_bytes(freed)} freed)")
+    print(f"removed {args.name} ({human_bytes(freed)} freed)")
     return 0
 
 
@@ -134,7 +134,7 @@ def _ps(args: argparse.Namespace) -> int:
         print("no models loaded")
         return 0
     rows = [
-        [e["id"], _bytes(e.get("memory_bytes")), _seconds(e.get("idle_seconds"))]
+        [e["id"], human_bytes(e.get("memory_bytes")), _seconds(e.get("idle_seconds"))]
         for e in loaded
     ]
     _table(["NAME", "MEMORY", "IDLE"], rows)
@@ -151,7 +151,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
         )
 
 
-def _bytes(n: int | None) -> str:
+def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB"):
