@@ -289,8 +289,17 @@ def main() -> int:
                              "tokens with the random model's small vocabulary")
     parser.add_argument("--skip-agent", action="store_true", help="only the decode comparison")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as work:
+        rows = measure(args, Path(work))
+    width = max(len(r[0]) for r in rows)
+    print(f"\nBLAS: {BLAS.library}")
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>10}  {note}")
+    return 0
 
-    work = Path(tempfile.mkdtemp(prefix="mlxd-bench-"))
+
+def measure(args: argparse.Namespace, work: Path) -> list[tuple]:
+    """The table's rows; `work` holds the built model and the server's log."""
     model_dir = args.model
     if model_dir is None:
         model_dir = build_random_model(work / "bench", hidden_size=512, num_layers=8, intermediate_size=1536,
@@ -315,11 +324,7 @@ def main() -> int:
                      "Linux only"))
     finally:
         server.stop()
-    width = max(len(r[0]) for r in rows)
-    print(f"\nBLAS: {BLAS.library}")
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>10}  {note}")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
