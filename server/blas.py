@@ -5,7 +5,7 @@ matrix products run at a few GFLOP/s. `libmlx.so` leaves `cblas_sgemm`,
 `sgetrf_` and friends undefined, and the dynamic linker looks them up in the
 global symbol scope before libmlx's own dependencies. So a system OpenBLAS
 loaded with RTLD_GLOBAL *before* `mlx.core` is first imported takes their
-place. `setup_blas()` does that once at start-up and then checks which
+place. `load_blas()` does that once at start-up; `setup_blas()` then checks which
 library really provides `cblas_sgemm` instead of assuming it worked.
 
 `MLXD_BLAS=off` keeps the bundled BLAS; `MLXD_BLAS=/path/to/lib.so` loads
@@ -137,17 +137,27 @@ def _load(choice: Optional[str]) -> tuple[Optional[ctypes.CDLL], str]:
 
 
 @functools.cache
-def setup_blas() -> BlasInfo:
+def load_blas() -> tuple[Optional[ctypes.CDLL], str]:
     """Load an optimized BLAS before MLX binds its own; call before importing mlx.core.
 
-    Cached: later calls return the first answer (a second load would change nothing).
+    Cheap (no MLX import), so the CLI calls it first for every command. Cached:
+    a second load would change nothing. Returns the library loaded, if any, and
+    why none was.
     """
     if sys.platform == "darwin":
-        return BlasInfo(ACCELERATE, interposed=False, gflops=None)
+        return None, ""
     if "mlx.core" in sys.modules:
-        lib, reason = None, "mlx.core was imported before setup_blas(); too late to switch"
-    else:
-        lib, reason = _load(os.environ.get("MLXD_BLAS"))
+        return None, "mlx.core was imported before setup_blas(); too late to switch"
+    return _load(os.environ.get("MLXD_BLAS"))
+
+
+@functools.cache
+def setup_blas() -> BlasInfo:
+    """`load_blas()`, then which BLAS is really in effect and how fast it is
+    (this imports MLX and times a small product: for logs, doctor and benchmarks)."""
+    if sys.platform == "darwin":
+        return BlasInfo(ACCELERATE, interposed=False, gflops=None)
+    lib, reason = load_blas()
     provider = sgemm_provider()
     gflops = measure_gflops()
     if provider is None:

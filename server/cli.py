@@ -11,7 +11,7 @@ from pathlib import Path
 import registry
 
 from . import doctor, opencode, registry_cli
-from .blas import describe, setup_blas
+from .blas import describe, load_blas, setup_blas
 
 log = logging.getLogger("mlxd")
 
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_blas()  # before anything imports mlx.core, or the faster BLAS cannot take over
+    load_blas()  # before anything imports mlx.core, or the faster BLAS cannot take over
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
