@@ -9,14 +9,10 @@ _BLAS = setup_blas()  # before any test imports mlx.core
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
 from scripts.testmodels import build_random_model, build_scripted_model  # noqa: E402
+from tests.ground_truth import GREETING, RANDOM_CONTEXT  # noqa: E402
 from tests.server_process import ServerProcess  # noqa: E402
-
-GREETING = "Hello from mlxd. The quick brown fox jumps over the lazy dog."
-# Small context so that overflow and "max_tokens beyond the room left" are cheap to reach.
-RANDOM_CONTEXT = 256
 
 
 def pytest_report_header(config):
@@ -47,10 +43,3 @@ def core_server(tmp_path_factory, random_model, greeting_model):
     ).start()
     yield server
     server.stop()
-
-
-def ground_truth_prompt_tokens(model_path: Path, messages: list[dict], tools=None) -> int:
-    """The templated prompt tokenized independently of the server, with the model's own tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False)
-    return len(ids)

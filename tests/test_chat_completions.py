@@ -14,9 +14,8 @@ import time
 
 import httpx
 import pytest
-from transformers import AutoTokenizer
 
-from tests.conftest import GREETING, RANDOM_CONTEXT, ground_truth_prompt_tokens
+from tests.ground_truth import GREETING, RANDOM_CONTEXT, ground_truth_prompt_tokens, tokenizer_of
 from tests.server_process import ROOT, ServerProcess
 
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -97,7 +96,7 @@ def test_array_content_parts_are_joined_like_a_string(core_server, greeting_mode
 
 
 def test_max_tokens_cuts_with_finish_reason_length(core_server, greeting_model):
-    tokenizer = AutoTokenizer.from_pretrained(str(greeting_model.path))
+    tokenizer = tokenizer_of(greeting_model.path)
     chunks = _stream(
         core_server.client(),
         model="greeter",
@@ -112,7 +111,7 @@ def test_max_tokens_cuts_with_finish_reason_length(core_server, greeting_model):
 
 
 def test_stop_string_spanning_tokens_is_never_leaked(core_server, greeting_model):
-    tokenizer = AutoTokenizer.from_pretrained(str(greeting_model.path))
+    tokenizer = tokenizer_of(greeting_model.path)
     pieces = [tokenizer.decode([t]) for t in greeting_model.script_token_ids]
     # A stop string made of the end of one token and the start of the next.
     i = next(k for k in range(2, len(pieces) - 1) if len(pieces[k]) >= 2 and len(pieces[k + 1]) >= 2)
@@ -140,7 +139,7 @@ def test_stop_string_spanning_tokens_is_never_leaked(core_server, greeting_model
 
 
 def test_max_tokens_beyond_the_context_generates_up_to_the_room_left(core_server, random_model):
-    tokenizer = AutoTokenizer.from_pretrained(str(random_model))
+    tokenizer = tokenizer_of(random_model)
     messages = [{"role": "user", "content": "Tell me a very long story."}]
     prompt = ground_truth_prompt_tokens(random_model, messages)
     response = core_server.client().chat.completions.create(
@@ -232,7 +231,7 @@ def test_logprobs_are_returned_per_token(core_server, greeting_model):
 
 
 def test_client_disconnect_stops_generation(core_server, random_model):
-    tokenizer = AutoTokenizer.from_pretrained(str(random_model))
+    tokenizer = tokenizer_of(random_model)
     body = {
         "model": "random-qwen2",
         "messages": [{"role": "user", "content": "Count forever."}],

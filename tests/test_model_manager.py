@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.conftest import GREETING
+from tests.ground_truth import GREETING
 from tests.server_process import ServerProcess
 
 HELLO = [{"role": "user", "content": "Say hello."}]

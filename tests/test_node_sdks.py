@@ -17,7 +17,7 @@ import pytest
 
 from scripts.testmodels import build_scripted_model
 from tests.clients.harness import CLIENTS, logged_requests, node_modules
-from tests.conftest import ground_truth_prompt_tokens
+from tests.ground_truth import ground_truth_prompt_tokens
 from tests.server_process import ServerProcess
 
 PROMPT = "What is the weather in Paris?"

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from scripts.testmodels import build_scripted_model
-from tests.conftest import GREETING
+from tests.ground_truth import GREETING
 from tests.fakehub import FakeHub
 from tests.server_process import ROOT, ServerProcess
 

@@ -10,7 +10,6 @@ scripted model its known output tokens.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import re
 from pathlib import Path
@@ -19,28 +18,15 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import httpx
 import pytest
-from transformers import AutoTokenizer
 
 from scripts.testmodels import build_random_model, build_tokenizer_files
-from tests.conftest import GREETING
+from tests.ground_truth import GREETING, prompt_ids, tokenizer_of
 from tests.server_process import ServerProcess
 
 LONG_CONTEXT = 16384
 # Long prompts: about 3,000 tokens, six of the engine's 512-token prefill chunks.
 FILLER = "The quick brown fox jumps over the lazy dog. " * 230
 WAIT_S = 60  # generous bound on waits for the server; never a speed assertion
-
-
-@functools.lru_cache(maxsize=None)
-def _tokenizer(path):
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def prompt_ids(model_path, messages: list[dict]) -> list[int]:
-    """The templated prompt tokenized independently of the server."""
-    return _tokenizer(model_path).apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False
-    )
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -178,7 +164,7 @@ def _conversation_turns(greeting_model):
 
 def _after(model, messages) -> list[int]:
     """The tokens cached once the scripted model answered: prompt, script, end token."""
-    return prompt_ids(model.path, messages) + model.script_token_ids + [_tokenizer(model.path).eos_token_id]
+    return prompt_ids(model.path, messages) + model.script_token_ids + [tokenizer_of(model.path).eos_token_id]
 
 
 def test_next_turn_reuses_the_previous_turn_and_its_answer(fresh_server, greeting_model):
@@ -270,7 +256,7 @@ def test_a_cache_that_cannot_be_trimmed_resumes_at_message_checkpoints(tmp_path)
         first = [system, {"role": "user", "content": "What is the capital of France?"}]
         second = [system, {"role": "user", "content": "Please read the file, then run the tests."}]
         ids1, ids2 = prompt_ids(model, first), prompt_ids(model, second)
-        tokenizer = _tokenizer(model)
+        tokenizer = tokenizer_of(model)
         system_end = len(tokenizer.apply_chat_template([system], tokenize=True, return_dict=False))
         first_end = len(tokenizer.apply_chat_template(first, tokenize=True, return_dict=False))
         assert 32 < system_end < common_prefix(ids1, ids2)
@@ -316,7 +302,7 @@ def test_eight_concurrent_streams_each_get_their_own_output_and_usage(fresh_serv
 
 
 def test_concurrent_streams_keep_their_own_limits_and_stop_strings(cold_server, greeting_model):
-    tokenizer = _tokenizer(greeting_model.path)
+    tokenizer = tokenizer_of(greeting_model.path)
     script = greeting_model.script_token_ids
     cases = [{"max_tokens": n} for n in range(2, 6)] + [{"stop": s} for s in ["fox", "lazy", ". The", "dog"]]
 

@@ -10,7 +10,6 @@ import json
 import re
 
 import pytest
-from transformers import AutoTokenizer
 
 from scripts.testmodels import build_scripted_model
 from tests.chat_helpers import (
@@ -21,6 +20,7 @@ from tests.chat_helpers import (
     finish_reasons,
     tool_deltas,
 )
+from tests.ground_truth import tokenizer_of
 from tests.server_process import ServerProcess
 
 BASH_CALL = '<tool_call>\n{"name": "bash", "arguments": {"command": "echo MARKER-1", "description": "Print a marker"}}\n</tool_call>'
@@ -86,7 +86,7 @@ def tool_server(tmp_path_factory, tool_models):
 
 def prompt_tokens(model, messages, tools=TOOLS, suffix=""):
     """Ground truth: the template rendered by the model's own tokenizer (+ a forced prefix)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+    tokenizer = tokenizer_of(model.path)
     flat = [{**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m.get("content"), list) else m for m in messages]
     text = tokenizer.apply_chat_template(flat, tools=tools, add_generation_prompt=True, tokenize=False)
     return len(tokenizer.encode(text + suffix, add_special_tokens=False))
@@ -216,7 +216,7 @@ def test_reasoning_streams_as_reasoning_content_and_is_counted(tool_server, tool
     assert_no_markup(chunks)
     assert json.loads(assembled_calls(chunks)[0]["arguments"]) == BASH_ARGS
     # Reasoning tokens: <think> through </think>, taken from the script's own ids.
-    tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+    tokenizer = tokenizer_of(model.path)
     think_end = model.script_token_ids.index(tokenizer.convert_tokens_to_ids("</think>"))
     assert usage.completion_tokens_details.reasoning_tokens == think_end + 1
     assert usage.prompt_tokens == prompt_tokens(model, ASK)

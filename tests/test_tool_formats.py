@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import pytest
-from transformers import AutoTokenizer
 
 from scripts.testmodels import FAMILIES, build_scripted_model
 from server import output, tool_formats
-from tests.conftest import ground_truth_prompt_tokens
+from tests.ground_truth import ground_truth_prompt_tokens, tokenizer_of
 from tests.server_process import ServerProcess
 from tests.chat_helpers import (
     BASH_TOOL,
@@ -235,7 +234,7 @@ def prompt_tokens(model, messages) -> int:
 
 def forced_prompt_tokens(model, messages, prefix: str) -> int:
     """Ground truth of a prompt that ends with a forced call prefix."""
-    tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+    tokenizer = tokenizer_of(model.path)
     text = tokenizer.apply_chat_template(
         messages, tools=TOOLS, add_generation_prompt=True, tokenize=False
     )
@@ -245,7 +244,7 @@ def forced_prompt_tokens(model, messages, prefix: str) -> int:
 def reasoning_tokens(case: Case, model) -> int:
     if case.reasoning_span is None:
         return 0
-    tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+    tokenizer = tokenizer_of(model.path)
     ids = model.script_token_ids
     first, last = case.reasoning_span
     start = 0 if first is None else ids.index(tokenizer.convert_tokens_to_ids(first))
@@ -388,7 +387,7 @@ def test_a_call_cut_by_max_tokens_never_vanishes(format_server, format_models, c
     """Cut inside the arguments: formats that stream arguments keep the announced
     call (its arguments do not parse); the others give its text back as content."""
     model = format_models[case.name]
-    tokenizer = AutoTokenizer.from_pretrained(str(model.path))
+    tokenizer = tokenizer_of(model.path)
     ids = model.script_token_ids
     # Just into the first argument's value ("echo MARKER-1" or "/tmp/notes.txt").
     cut = next(n for n in range(len(ids)) if re.search("echo|/tmp", tokenizer.decode(ids[:n])))
