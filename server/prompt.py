@@ -110,6 +110,8 @@ def _render(tokenizer, messages, tools, add_generation_prompt) -> str:
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case, at C speed
+        return n
     for i in range(n):
         if a[i] != b[i]:
             return i
