@@ -67,7 +67,7 @@ import logging
 import secrets
 import string
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from server import tool_formats
 from server.events import (
@@ -381,6 +381,11 @@ class OutputParser:
         if index is not None and fragment:
             self._out.append(ToolCallArguments(index, fragment))
 
+    def _whole_call(self, index: Optional[int], arguments: dict) -> None:
+        """A call's arguments known all at once."""
+        self._arguments(index, json.dumps(arguments, ensure_ascii=False))
+        self._call_done(index)
+
     def _call_done(self, index: Optional[int]) -> None:
         if index is not None:
             self._completed += 1
@@ -556,50 +561,52 @@ class _JsonCalls:
 
     def _tail(self) -> bool:
         """The rest of the call's object after its arguments."""
-        return self._skip_object(lambda: self._to_between())
+
+        def done() -> bool:
+            self._to_between()
+            return True
+
+        return self._read_object(done, self._close)
 
     def _whole(self) -> bool:
         """A call whose arguments are not an object: parsed when its object closes."""
 
-        def done() -> None:
+        def done() -> bool:
             try:
                 call = call_from_json(json.loads(self.text[self.head : self.i]))
             except ValueError as e:
                 self._broken(f"its arguments are not valid: {e}")
             else:
-                self.out._arguments(self.index, json.dumps(call["arguments"], ensure_ascii=False))
-                self.out._call_done(self.index)
+                self.out._whole_call(self.index, call["arguments"])
             self._to_between()
+            return True
 
-        return self._skip_object(done, broken="the region ended inside the call")
+        def closed(closer: str) -> bool:
+            self._broken("the region ended inside the call")
+            return self._close(closer)
+
+        return self._read_object(done, closed)
 
     def _object(self) -> bool:
         """A JSON object whose header did not match: it is a call only if it parses as one."""
-        t, depth = self.text, self.depth
-        while self.i < len(t):
-            if not depth.in_string:
-                closer = self._closer_at(self.i)
-                if closer == "partial":
-                    return False
-                if closer is not None:
-                    return self._fail("an unclosed JSON object")
-            depth.feed(t[self.i])
-            self.i += 1
-            if depth.depth == 0:
-                try:
-                    call = call_from_json(json.loads(t[self.head : self.i]))
-                except ValueError as e:
-                    return self._fail(f"a JSON object that is not a tool call ({e})")
-                self._commit(call["name"], wrapped=True)
-                self.out._arguments(self.index, json.dumps(call["arguments"], ensure_ascii=False))
-                self.out._call_done(self.index)
-                self._to_between()
-                return True
-        return False
+
+        def done() -> bool:
+            try:
+                call = call_from_json(json.loads(self.text[self.head : self.i]))
+            except ValueError as e:
+                return self._fail(f"a JSON object that is not a tool call ({e})")
+            self._commit(call["name"], wrapped=True)
+            self.out._whole_call(self.index, call["arguments"])
+            self._to_between()
+            return True
+
+        return self._read_object(done, lambda closer: self._fail("an unclosed JSON object"))
 
     # -- helpers --
 
-    def _skip_object(self, done, broken: Optional[str] = None) -> bool:
+    def _read_object(self, done: Callable[[], bool], closed: Callable[[str], bool]) -> bool:
+        """Read to the end of the JSON object at hand, then `done()`; a region
+        closer inside the object gives `closed(closer)` instead. False: more text needed."""
         t, depth = self.text, self.depth
         while self.i < len(t):
             if not depth.in_string:
@@ -607,14 +614,11 @@ class _JsonCalls:
                 if closer == "partial":
                     return False
                 if closer is not None:
-                    if broken:
-                        self._broken(broken)
-                    return self._close(closer)
+                    return closed(closer)
             depth.feed(t[self.i])
             self.i += 1
             if depth.depth == 0:
-                done()
-                return True
+                return done()
         return False
 
     def _closer_at(self, i: int):
@@ -662,15 +666,14 @@ class _JsonCalls:
             log.warning("not a tool call (%s); returned as content: %r", why, self.text[:2000])
             self.out._raw(self.opener)
             self.rest = self.text[len(self.opener) :]
-        elif not self.tf.end:  # marker-less region: text after its calls is content
-            self.rest = self.text[self.head :]
-        else:
+            return False
+        if self.tf.end:  # a marker-less region simply ends: text after its calls is content
             log.warning(
                 "text in a tool call region after its calls (%s); returned as content: %r",
                 why,
                 self.text[:2000],
             )
-            self.rest = self.text[self.head :]
+        self.rest = self.text[self.head :]
         return False
 
 
@@ -722,9 +725,7 @@ class _WholeCalls:
             )
             return False
         for call in calls:
-            index = self.out._start_call(call["name"])
-            self.out._arguments(index, json.dumps(call["arguments"], ensure_ascii=False))
-            self.out._call_done(index)
+            self.out._whole_call(self.out._start_call(call["name"]), call["arguments"])
         return True
 
 
