@@ -55,6 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"mlxd: {e}", file=sys.stderr)
         return 2
     local = {ref.name: ref.path for ref in preload if ref.local}
+    log.info("%s", describe(setup_blas()))  # timed before the engine starts loading models beside it
     engine = Engine(
         max_loaded_models=args.max_loaded_models,
         keep_alive=args.keep_alive,
@@ -68,7 +69,6 @@ def _serve(args: argparse.Namespace) -> int:
     for ref in preload[: args.max_loaded_models]:
         engine.preload(ModelRef(ref.name, ref.path, ref.tool_format))
     app = create_app(runtime, version=version())
-    log.info("%s", describe(setup_blas()))
     log.info("mlxd %s serving on http://%s:%d/v1", version(), args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
