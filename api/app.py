@@ -6,7 +6,7 @@ import time
 
 from fastapi import FastAPI, Request
 
-from server.runtime import Runtime
+from mlxd.server.runtime import Runtime
 
 from .errors import BodySizeLimit, error_response, install_error_handlers
 from .openai import chat, models

@@ -1,4 +1,9 @@
-"""OpenAI's error envelope for every failure, so clients always get {"error": {...}}."""
+"""Error envelopes: every failure answers in the envelope of the door it came through.
+
+OpenAI's doors (chat completions, responses, models) answer `{"error": {...}}`;
+Anthropic's door (`/v1/messages...`) answers `{"type": "error", "error": {"type", "message"}}`.
+`door_of(path)` picks the envelope, so handlers and middleware need no door knowledge.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from server.errors import ContextLengthExceeded, EngineError, InternalError, ModelLoadFailed, ModelNotFound, ModelUnavailable, QueueFull
+from mlxd.server.errors import ContextLengthExceeded, EngineError, InternalError, ModelLoadFailed, ModelNotFound, ModelUnavailable, QueueFull
 
 log = logging.getLogger("mlxd.api")
 
@@ -31,7 +36,31 @@ _TYPE_BY_STATUS = {
 }
 
 
-def error_body(message: str, status: int, *, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+ANTHROPIC_PATH_PREFIX = "/v1/messages"
+
+
+def door_of(path: str) -> str:
+    """Which envelope a path answers in: "anthropic" or "openai"."""
+    return "anthropic" if path.startswith(ANTHROPIC_PATH_PREFIX) else "openai"
+
+
+def error_body(
+    message: str, status: int, *, param: Optional[str] = None, code: Optional[str] = None, door: str = "openai"
+) -> dict:
+    if door == "anthropic":
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPE_BY_STATUS.get(status, "api_error"), "message": message}}
     return {
         "error": {
             "message": message,
@@ -42,14 +71,19 @@ def error_body(message: str, status: int, *, param: Optional[str] = None, code: 
     }
 
 
-def error_response(message: str, status: int, *, param=None, code=None, headers=None) -> JSONResponse:
-    return JSONResponse(error_body(message, status, param=param, code=code), status_code=status, headers=headers)
+def error_response(message: str, status: int, *, param=None, code=None, headers=None, door: str = "openai") -> JSONResponse:
+    body = error_body(message, status, param=param, code=code, door=door)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def engine_error_response(error: EngineError) -> JSONResponse:
-    status = next((s for cls, s in _STATUS_BY_ERROR.items() if isinstance(error, cls)), 400)
+def engine_error_status(error: EngineError) -> int:
+    return next((s for cls, s in _STATUS_BY_ERROR.items() if isinstance(error, cls)), 400)
+
+
+def engine_error_response(error: EngineError, door: str = "openai") -> JSONResponse:
     headers = {"Retry-After": str(error.retry_after)} if isinstance(error, QueueFull) else None
-    return error_response(str(error), status, param=error.param, code=error.code, headers=headers)
+    return error_response(str(error), engine_error_status(error), param=error.param, code=error.code,
+                          headers=headers, door=door)
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -70,25 +104,27 @@ def _field_path(loc) -> str:
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     # The deepest error is the most specific one (a union reports one per member).
     first = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
+    door = door_of(request.url.path)
     if first.get("type") == "json_invalid":
-        return error_response(f"We could not parse the JSON body of your request: {first.get('msg')}", 400, code="invalid_json")
+        message = f"We could not parse the JSON body of your request: {first.get('msg')}"
+        return error_response(message, 400, code="invalid_json", door=door)
     param = _field_path(first.get("loc", ()))
     message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid request")
-    return error_response(message, 400, param=param or None, code="invalid_value")
+    return error_response(message, 400, param=param or None, code="invalid_value", door=door)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return error_response(detail, exc.status_code, headers=getattr(exc, "headers", None))
+    return error_response(detail, exc.status_code, headers=getattr(exc, "headers", None), door=door_of(request.url.path))
 
 
 async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
-    return engine_error_response(exc)
+    return engine_error_response(exc, door_of(request.url.path))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error serving %s", request.url.path)
-    return error_response(f"internal server error: {exc}", 500, code="internal_error")
+    return error_response(f"internal server error: {exc}", 500, code="internal_error", door=door_of(request.url.path))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -137,6 +173,7 @@ class BodySizeLimit:
 
     async def _reject(self, scope, receive, send):
         response = error_response(
-            f"Request body too large: the limit is {self.max_bytes} bytes.", 413, code="request_too_large"
+            f"Request body too large: the limit is {self.max_bytes} bytes.", 413, code="request_too_large",
+            door=door_of(scope.get("path", "")),
         )
         await response(scope, receive, send)

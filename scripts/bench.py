@@ -37,7 +37,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.blas import setup_blas  # noqa: E402  (must run before mlx.core is imported)
+from mlxd.server.blas import setup_blas  # noqa: E402  (must run before mlx.core is imported)
 
 BLAS = setup_blas()
 

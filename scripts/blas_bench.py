@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.blas import describe, setup_blas  # noqa: E402  (must precede mlx)
+from mlxd.server.blas import describe, setup_blas  # noqa: E402  (must precede mlx)
 
 
 def build_model(dtype: str):
@@ -48,7 +48,7 @@ def child(opts: argparse.Namespace) -> dict:
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator, generate_step
 
-    from server.blas import measure_gflops
+    from mlxd.server.blas import measure_gflops
 
     results = {"blas": describe(info), "sgemm_1024_gflops": measure_gflops(n=1024, repeats=2)}
     model, vocab, params = build_model(opts.dtype)

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import registry
+from mlxd import registry
 
 from . import doctor, opencode, registry_cli
 from .blas import describe, load_blas, setup_blas
@@ -44,7 +44,7 @@ def _served_model(name: str, pull: bool) -> _ServedModel:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from api.app import create_app
+    from mlxd.api.app import create_app
 
     from .engine import Engine, ModelRef
     from .runtime import Runtime

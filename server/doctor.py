@@ -17,8 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
-from server.blas import describe, setup_blas
-from server.registry_cli import human_bytes
+from mlxd.server.blas import describe, setup_blas
+from mlxd.server.registry_cli import human_bytes
 
 HUB_TIMEOUT_S = 3.0
 

@@ -59,6 +59,12 @@ class ModelRef:
 
 @dataclass
 class GenerationRequest:
+    """One request in the engine's neutral shape, whatever door it came through.
+
+    `request_id` names it in logs, the `x-request-id` header and the usage ledger; `door`
+    is the endpoint family ("chat", "messages", "responses"); `client` is who sent it (an
+    API-key label, or the client's family from its User-Agent)."""
+
     model: ModelRef
     messages: list[dict]
     tools: Optional[list[dict]] = None
@@ -69,13 +75,20 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     logprobs: bool = False
     top_logprobs: int = 0
+    request_id: str = ""
+    door: str = "chat"
+    client: str = "other"
 
 
 @dataclass(frozen=True)
 class Accepted:
-    """The prompt is built and queued for prefill."""
+    """The prompt is built and queued for prefill: the served model's name, and the
+    prompt's token count and how many of those tokens the prefix cache already holds
+    (doors that announce usage before generating, like Anthropic's, need both)."""
 
     model: str
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 class RequestHandle:
@@ -410,7 +423,7 @@ class Engine:
             started_at=time.perf_counter(),
         )
         lm.last_used = time.monotonic()
-        handle._accept(Accepted(lm.name))
+        handle._accept(Accepted(lm.name, prompt_tokens=n_prompt, cached_tokens=n_cached))
 
     def _step_safely(self) -> None:
         try:

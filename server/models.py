@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry import config_context_length
+from mlxd.registry import config_context_length
 
 log = logging.getLogger("mlxd.models")
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import registry
+from mlxd import registry
 
 from .models import DEFAULT_CONTEXT_LENGTH
 

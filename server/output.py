@@ -69,15 +69,15 @@ import string
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from server import tool_formats
-from server.events import (
+from mlxd.server import tool_formats
+from mlxd.server.events import (
     ContentDelta,
     ParsedEvent,
     ReasoningDelta,
     ToolCallArguments,
     ToolCallStart,
 )
-from server.tool_formats import ToolFormat, call_from_json
+from mlxd.server.tool_formats import ToolFormat, call_from_json
 
 log = logging.getLogger("mlxd.output")
 

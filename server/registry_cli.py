@@ -10,7 +10,7 @@ import sys
 import urllib.request
 from collections.abc import Callable
 
-import registry
+from mlxd import registry
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:

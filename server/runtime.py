@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-import registry
+from mlxd import registry
 
 from .engine import Engine, ModelRef
 from .errors import ModelNotFound, ModelUnavailable

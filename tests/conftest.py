@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.blas import describe, setup_blas
+from mlxd.server.blas import describe, setup_blas
 
 _BLAS = setup_blas()  # before any test imports mlx.core
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import sys
 
-from server.blas import setup_blas
+from mlxd.server.blas import setup_blas
 
 setup_blas()  # before mlx.core, as server.cli does
 
 from mlx_lm.generate import BatchGenerator  # noqa: E402
 
-from server.cli import main  # noqa: E402
+from mlxd.server.cli import main  # noqa: E402
 
 FAIL_AFTER = int(os.environ["MLXD_TEST_FAIL_AFTER"])
 _real_next = BatchGenerator.next

@@ -26,7 +26,7 @@ def free_port() -> int:
 class ServerProcess:
     """One `mlxd serve` subprocess; its log goes to a file the tests can read."""
 
-    def __init__(self, log_dir: Path, args: list[str], env: Optional[dict] = None, module: str = "server.cli"):
+    def __init__(self, log_dir: Path, args: list[str], env: Optional[dict] = None, module: str = "mlxd.server.cli"):
         self.port = free_port()
         self.args = args
         self.module = module

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from server.blas import ACCELERATE, BUNDLED, INSTALL_HINT, BlasInfo, describe, find_openblas
+from mlxd.server.blas import ACCELERATE, BUNDLED, INSTALL_HINT, BlasInfo, describe, find_openblas
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENBLAS = find_openblas()
@@ -24,7 +24,7 @@ needs_openblas = pytest.mark.skipif(
 
 SETUP = """
 import json, dataclasses
-from server.blas import setup_blas
+from mlxd.server.blas import setup_blas
 info = dataclasses.asdict(setup_blas())
 """
 

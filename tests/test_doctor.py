@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from server.blas import BUNDLED, find_openblas
-from server.doctor import cached_models, hub_status, package_version
+from mlxd.server.blas import BUNDLED, find_openblas
+from mlxd.server.doctor import cached_models, hub_status, package_version
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def run_doctor(*args: str, **env: str) -> str:
     child_env = {k: v for k, v in os.environ.items() if k not in ("MLXD_BLAS", "LD_PRELOAD", "HF_HUB_CACHE", "HF_HUB_OFFLINE")}
     child_env.update(env)
     out = subprocess.run(
-        [sys.executable, "-m", "server.doctor", *args], cwd=ROOT, env=child_env,
+        [sys.executable, "-m", "mlxd.server.doctor", *args], cwd=ROOT, env=child_env,
         capture_output=True, text=True, timeout=120, check=True,
     )
     return out.stdout

@@ -18,7 +18,7 @@ import pytest
 from huggingface_hub import constants
 
 from scripts.testmodels import build_scripted_model
-from server.opencode import provider_block, served_models
+from mlxd.server.opencode import provider_block, served_models
 from tests.clients.harness import logged_requests, node_modules
 from tests.server_process import ServerProcess
 

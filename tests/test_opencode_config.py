@@ -14,9 +14,9 @@ import json
 import pytest
 from huggingface_hub import constants, snapshot_download
 
-from registry.hub import ALLOW_PATTERNS
+from mlxd.registry.hub import ALLOW_PATTERNS
 from scripts.testmodels import build_tokenizer_files
-from server.opencode import (
+from mlxd.server.opencode import (
     OpencodeModel,
     add_parser,
     merged_config,

@@ -17,9 +17,9 @@ import re
 
 import pytest
 
-from server import tool_formats
-from server.events import ContentDelta, ReasoningDelta, ToolCallArguments, ToolCallStart
-from server.output import (
+from mlxd.server import tool_formats
+from mlxd.server.events import ContentDelta, ReasoningDelta, ToolCallArguments, ToolCallStart
+from mlxd.server.output import (
     _coalesce,
     OutputFormat,
     OutputParser,

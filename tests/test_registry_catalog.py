@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from registry import catalog
-from registry.names import parse
+from mlxd.registry import catalog
+from mlxd.registry.names import parse
 
 FAMILIES = catalog.families()
 VARIANTS = [(f, v) for f in FAMILIES for v in f.variants]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from server import registry_cli
+from mlxd.server import registry_cli
 from tests.fakehub import FakeHub, write_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ class Mlxd:
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "server.cli", *args],
+            [sys.executable, "-m", "mlxd.server.cli", *args],
             cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from registry import CATALOG, NOT_FOUND, RegistryError
-from registry.names import parse
+from mlxd.registry import CATALOG, NOT_FOUND, RegistryError
+from mlxd.registry.names import parse
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ def hf_env(hub, tmp_path_factory) -> dict:
 
 
 def mlxd(env, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "mlxd.server.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

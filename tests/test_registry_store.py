@@ -12,9 +12,9 @@ import pytest
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 
-from registry import NOT_FOUND, RegistryError, list_models, pull, remove, resolve
-from registry.hub import ALLOW_PATTERNS
-from registry.store import config_context_length, missing_files
+from mlxd.registry import NOT_FOUND, RegistryError, list_models, pull, remove, resolve
+from mlxd.registry.hub import ALLOW_PATTERNS
+from mlxd.registry.store import config_context_length, missing_files
 from tests.fakehub import FakeHub, write_model
 
 CODER = "mlx-community/Qwen2.5-Coder-0.5B-Instruct-4bit"

@@ -248,7 +248,7 @@ def test_cli_builds_both_kinds(tmp_path, capsys):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_tokenizer_has_its_markers_and_is_detected_as_its_format(tmp_path, family):
-    from server.output import output_format_for
+    from mlxd.server.output import output_format_for
 
     build_tokenizer_files(tmp_path, family)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)

@@ -19,7 +19,7 @@ from typing import Optional
 import pytest
 
 from scripts.testmodels import FAMILIES, build_scripted_model
-from server import output, tool_formats
+from mlxd.server import output, tool_formats
 from tests.ground_truth import ground_truth_prompt_tokens, tokenizer_of
 from tests.server_process import ServerProcess
 from tests.chat_helpers import (
@@ -371,8 +371,8 @@ def test_the_cases_cover_every_tool_format_of_the_catalog(format_models):
     (tests/test_tool_calls.py) they are all the formats the catalog uses."""
     import mlx_lm
 
-    from registry import catalog
-    from server.output import output_format_for
+    from mlxd.registry import catalog
+    from mlxd.server.output import output_format_for
 
     detected = {
         output_format_for(mlx_lm.tokenizer_utils.load(format_models[case.name].path)).name

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import time
 import uuid
 from typing import AsyncIterator, Optional
@@ -13,8 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from server.engine import Accepted, GenerationRequest, RequestHandle, SamplingParams
-from server.events import (
+from mlxd.server.engine import Accepted, GenerationRequest, RequestHandle, SamplingParams
+from mlxd.server.events import (
     ContentDelta,
     Failure,
     Finish,
@@ -24,26 +22,18 @@ from server.events import (
     ToolCallStart,
     Usage,
 )
-from server.runtime import Runtime
 
+from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit
 from ..errors import error_body
 from .protocol import ChatCompletionRequest
 
 router = APIRouter()
 
-# How often the client is sent an SSE comment while it waits (long prefill);
-# MLXD_KEEPALIVE_SECONDS overrides it (tests use a short interval).
-KEEPALIVE_SECONDS = float(os.environ.get("MLXD_KEEPALIVE_SECONDS", "5"))
-# How often a non-streaming request checks that its client is still there.
-DISCONNECT_POLL_SECONDS = 0.25
-
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    runtime: Runtime = request.app.state.runtime
-    ref = await asyncio.to_thread(runtime.resolve, body.model)
-    handle = runtime.engine.submit(to_generation_request(body, ref), asyncio.get_running_loop())
-    accepted = await _wait_accepted(handle, request)
+    ref = await resolve_model(request, body.model)
+    handle, accepted = await submit(request, to_generation_request(body, ref))
     if accepted is None:  # client left while queued
         return JSONResponse(error_body("client disconnected", 499), status_code=499)
     response = ChatResponse(body, accepted)
@@ -90,20 +80,6 @@ def to_generation_request(body: ChatCompletionRequest, ref) -> GenerationRequest
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs or 0,
     )
-
-
-async def _wait_accepted(handle: RequestHandle, request: Request) -> Optional[Accepted]:
-    """Wait until the engine built the prompt (errors raise here, before any byte is sent)."""
-    while True:
-        try:
-            return await asyncio.wait_for(asyncio.shield(handle.accepted), DISCONNECT_POLL_SECONDS)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                handle.cancel()
-                return None
-        except asyncio.CancelledError:
-            handle.cancel()
-            raise
 
 
 def usage_dict(usage: Usage) -> dict:
@@ -190,7 +166,7 @@ def _delta_of(event) -> Optional[dict]:
 async def _stream(response: ChatResponse, handle: RequestHandle) -> AsyncIterator[dict]:
     try:
         yield _data(response.chunk({"role": "assistant", "content": ""}))
-        async for event in _batched(handle):
+        async for event in batched(handle):
             if isinstance(event, list):
                 for chunk in response.deltas(event):
                     yield _data(chunk)
@@ -208,52 +184,20 @@ async def _stream(response: ChatResponse, handle: RequestHandle) -> AsyncIterato
         handle.cancel()  # no-op once finished; stops generation if the client left
 
 
-async def _batched(handle: RequestHandle) -> AsyncIterator:
-    """Group consecutive parsed events into lists (one chunk each), passing Finish/Failure alone."""
-    while True:
-        events = await handle.events.get()
-        parsed = [e for e in events if not isinstance(e, (Finish, Failure))]
-        if parsed:
-            yield parsed
-        for e in events:
-            if isinstance(e, (Finish, Failure)):
-                yield e
-                return
-
-
 def _data(obj: dict) -> dict:
     return {"data": json.dumps(obj, separators=(",", ":"), ensure_ascii=False)}
 
 
 async def _complete(response: ChatResponse, handle: RequestHandle, request: Request) -> JSONResponse:
-    """Assemble the whole answer; stop generating if the client goes away."""
-    content, reasoning, calls, logprobs = [], [], {}, []
-    collector = asyncio.ensure_future(_collect(handle, content, reasoning, calls, logprobs))
-    try:
-        while not collector.done():
-            await asyncio.wait({collector}, timeout=DISCONNECT_POLL_SECONDS)
-            if not collector.done() and await request.is_disconnected():
-                handle.cancel()
-                collector.cancel()
-                return JSONResponse(error_body("client disconnected", 499), status_code=499)
-        last = collector.result()
-    finally:
-        handle.cancel()
+    """The whole answer as one chat.completion; 499 if the client went away."""
+    answer = await collect(handle, request)
+    if answer is None:
+        return JSONResponse(error_body("client disconnected", 499), status_code=499)
+    last = answer.last
     if isinstance(last, Failure):
         body = error_body(last.message, 500, code="generation_failed")
         body["usage"] = usage_dict(last.usage)
         return JSONResponse(body, status_code=500)
-    message = {
-        "role": "assistant",
-        "content": "".join(content) if content or not calls else None,
-    }
-    if reasoning:
-        message["reasoning_content"] = "".join(reasoning)
-    if calls:
-        message["tool_calls"] = [
-            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": "".join(c["args"])}}
-            for _, c in sorted(calls.items())
-        ]
     return JSONResponse({
         "id": response.id,
         "object": "chat.completion",
@@ -262,26 +206,24 @@ async def _complete(response: ChatResponse, handle: RequestHandle, request: Requ
         "system_fingerprint": None,
         "choices": [{
             "index": 0,
-            "message": message,
-            "logprobs": {"content": logprobs} if logprobs else None,
+            "message": _message(answer),
+            "logprobs": {"content": [_logprob_dict(lp) for lp in answer.logprobs]} if answer.logprobs else None,
             "finish_reason": last.reason,
         }],
         "usage": usage_dict(last.usage),
     })
 
 
-async def _collect(handle, content, reasoning, calls, logprobs):
-    async for batch in _batched(handle):
-        if isinstance(batch, (Finish, Failure)):
-            return batch
-        for event in batch:
-            if isinstance(event, ContentDelta):
-                content.append(event.text)
-            elif isinstance(event, ReasoningDelta):
-                reasoning.append(event.text)
-            elif isinstance(event, ToolCallStart):
-                calls[event.index] = {"id": event.id, "name": event.name, "args": []}
-            elif isinstance(event, ToolCallArguments):
-                calls[event.index]["args"].append(event.fragment)
-            elif isinstance(event, TokenLogprob):
-                logprobs.append(_logprob_dict(event))
+def _message(answer: Answer) -> dict:
+    message = {
+        "role": "assistant",
+        "content": "".join(answer.content) if answer.content or not answer.calls else None,
+    }
+    if answer.reasoning:
+        message["reasoning_content"] = "".join(answer.reasoning)
+    if answer.calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": "".join(c.arguments)}}
+            for c in answer.ordered_calls()
+        ]
+    return message

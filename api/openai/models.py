@@ -6,7 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
-from server.errors import ModelNotFound
+from mlxd.server.errors import ModelNotFound
 
 router = APIRouter()
 
