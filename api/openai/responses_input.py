@@ -137,9 +137,10 @@ def messages_of(instructions: Optional[str], items: list[dict], first_param: int
 def _function(tool: dict, name: str, param: str) -> dict:
     if not isinstance(tool.get("name"), str) or not tool["name"]:
         raise InputError("a function tool needs a name", f"{param}.name")
-    function = {"name": name, "parameters": tool.get("parameters") or {"type": "object", "properties": {}}}
+    function = {"name": name}
     if tool.get("description"):
         function["description"] = tool["description"]
+    function["parameters"] = tool.get("parameters") or {"type": "object", "properties": {}}
     return {"type": "function", "function": function}
 
 
