@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlxd import registry
 
-from . import doctor, opencode, registry_cli
+from . import codex, doctor, opencode, registry_cli
 from .blas import describe, load_blas, setup_blas
 
 log = logging.getLogger("mlxd")
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.add_parsers(sub)
     doctor.add_parser(sub)
     opencode.add_parser(sub)
+    codex.add_parser(sub)
     return parser
 
 
