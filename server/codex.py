@@ -30,7 +30,9 @@ from .opencode import OpencodeModel, served_models
 
 PROVIDER_ID = "mlxd"
 ENV_KEY = "MLXD_API_KEY"
+KEY_HINT = f"Codex sends the key in ${ENV_KEY}: export {ENV_KEY}=mlxd (any value unless the server requires a key)"
 _HEADER = re.compile(r"^\s*\[")
+_OUR_TABLE = re.compile(rf"^\s*\[\s*model_providers\s*\.\s*{PROVIDER_ID}\s*\]\s*(#.*)?$")
 
 
 def config_path() -> Path:
@@ -57,23 +59,25 @@ def merged_toml(text: str, top: dict, provider: dict) -> str:
     lines = text.splitlines()
     first_table = next((i for i, line in enumerate(lines) if _HEADER.match(line)), len(lines))
     head, tables = lines[:first_table], lines[first_table:]
+    while head and not head[-1].strip():
+        head.pop()
     for key, value in top.items():
         line = f"{key} = {_value(value)}"
         at = next((i for i, old in enumerate(head) if re.match(rf"^\s*{key}\s*=", old)), None)
         if at is None:
-            head.insert(0, line)
+            head.append(line)
         else:
             head[at] = line
     kept, skipping = [], False
     for line in tables:
         if _HEADER.match(line):
-            skipping = line.strip() == f"[model_providers.{PROVIDER_ID}]"
+            skipping = bool(_OUR_TABLE.match(line))
         if not skipping:
             kept.append(line)
     while kept and not kept[-1].strip():
         kept.pop()
     block = [f"[model_providers.{PROVIDER_ID}]", *_lines(provider)]
-    body = head + ([""] if head and head[-1].strip() else []) + kept + ([""] if kept else []) + block
+    body = head + ([""] if head else []) + kept + ([""] if kept else []) + block
     merged = "\n".join(body) + "\n"
     parsed = tomllib.loads(merged)  # a file this edit cannot handle is refused, never written
     if any(parsed.get(k) != v for k, v in top.items()) or parsed["model_providers"][PROVIDER_ID] != provider:
@@ -119,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     top, provider = settings(model, f"http://{args.host}:{args.port}/v1")
     if not args.write:
+        print(f"# {config_path()}: what --write merges in. {KEY_HINT}")
         print(merged_toml("", top, provider), end="")
-        print(f"# Codex sends the key from ${ENV_KEY}: export {ENV_KEY}=mlxd (any value, unless the server asks for one)")
         return 0
     path = config_path()
     try:
@@ -131,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote provider '{PROVIDER_ID}' with model {model.id} ({model.context_length} tokens) to {path}")
     if backup:
         print(f"the previous config is in {backup}")
-    print(f"Codex sends the key from ${ENV_KEY}: export {ENV_KEY}=mlxd (any value, unless the server asks for one)")
+    print(KEY_HINT)
     return 0
 
 
