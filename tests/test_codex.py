@@ -4,7 +4,8 @@ Codex (pinned in tests/clients/codex/package.json, the npm package ships its bin
 runs with HOME and CODEX_HOME in a temporary folder and the config that `mlxd codex
 --write` merges into config.toml. Scripted models make the answers known: a text, and
 a call of Codex's shell tool `exec_command` (arguments `{"cmd": ...}`), which Codex runs
-(sandbox and approvals off) before it sends the output back for the model's last word.
+(sandbox and approvals off) before it sends the output back for the model's last word,
+and a qwen3 model's reasoning, which Codex shows before the answer.
 The token count Codex prints must be the usage mlxd logged.
 """
 
@@ -29,6 +30,7 @@ COMMAND = "echo mlxd-marker-$((6*7)) > marker.txt"
 MARKER = "mlxd-marker-42"
 EXEC_CALL = f'<tool_call>\n{{"name": "exec_command", "arguments": {json.dumps({"cmd": COMMAND})}}}\n</tool_call>'
 AFTER_TOOL = "The marker file is written."
+THOUGHT, ANSWER = "The user wants a greeting.", "Hello, thinking done."
 RUN_TIMEOUT_S = 300
 
 
@@ -43,13 +45,15 @@ def scripted(codex, tmp_path_factory):
     return {
         "codex-texter": build_scripted_model(models / "codex-texter", TEXT),
         "codex-runner": build_scripted_model(models / "codex-runner", EXEC_CALL, after_tool_result=AFTER_TOOL),
+        "codex-thinker": build_scripted_model(models / "codex-thinker", f"<think>{THOUGHT}</think>\n{ANSWER}",
+                                              template="qwen3"),
     }
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, scripted):
     args = [arg for model in scripted.values() for arg in ("--model", str(model.path))]
-    server = ServerProcess(tmp_path_factory.mktemp("codex-logs"), [*args, "--max-loaded-models", "2"]).start()
+    server = ServerProcess(tmp_path_factory.mktemp("codex-logs"), [*args, "--max-loaded-models", "3"]).start()
     yield server
     server.stop()
 
@@ -104,3 +108,13 @@ def test_exec_command_runs_and_its_output_goes_back(codex, server, scripted, tmp
     assert [r.finish_reason for r in requests] == ["tool_calls", "stop"]
     assert requests[1].cached_tokens > 0  # the follow-up reads the first turn from the prefix cache
     assert tokens_used(result.stderr) == codex_total(requests)
+
+
+def test_reasoning_is_shown_as_thinking(codex, server, scripted, tmp_path):
+    log_start = len(server.log())
+    result, _ = run_codex(codex, server, scripted["codex-thinker"].path, tmp_path, "Greet me")
+    assert result.stdout.strip() == ANSWER
+    lines = result.stderr.splitlines()
+    assert lines.count(THOUGHT) == 1 and lines.index(THOUGHT) < lines.index("codex")  # once, before the answer
+    [request] = logged_requests(server.log()[log_start:])
+    assert tokens_used(result.stderr) == codex_total([request])
