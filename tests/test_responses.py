@@ -63,7 +63,9 @@ def server(tmp_path_factory, scripted, greeting_model, random_model):
     args = ["--model", str(greeting_model.path), "--model", str(random_model)]
     for name, model in scripted.items():
         args += ["--model", str(model.path)]
-    server = ServerProcess(tmp_path_factory.mktemp("responses-logs"), [*args, "--max-loaded-models", "5"]).start()
+    # Keep-alive comments every 50 ms: every stream here must parse with them in it.
+    server = ServerProcess(tmp_path_factory.mktemp("responses-logs"), [*args, "--max-loaded-models", "5"],
+                           env={"MLXD_KEEPALIVE_SECONDS": "0.05"}).start()
     yield server
     server.stop()
 
@@ -228,6 +230,15 @@ def test_namespaced_function_is_offered_joined_and_comes_back_split(server, scri
     assert server.log().count("tools of type 'web_search' are not offered") == 1
     raw_events(server, body)
     assert server.log().count("tools of type 'web_search' are not offered") == 1
+
+
+def test_keep_alive_comments_while_a_long_prompt_is_read(server):
+    body = {"model": "greeter", "input": "word " * 8000, "max_output_tokens": 2, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/responses", json=body, timeout=120) as r:
+        lines = list(r.iter_lines())
+    first_delta = next(i for i, line in enumerate(lines) if line == "event: response.output_text.delta")
+    assert any(line.startswith(": ping") for line in lines[:first_delta])
+    assert [line for line in lines if line.startswith("event: ")][-1] == "event: response.incomplete"
 
 
 def test_max_output_tokens_ends_incomplete(server):
