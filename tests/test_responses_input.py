@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxd.api.openai.responses_input import InputError, messages_of, offered_tools, translate
+from mlxd.api.openai.responses_input import InputError, joined_name, messages_of, offered_tools, translate
 from mlxd.api.openai.responses_protocol import ResponsesRequest
 from mlxd.server.engine import ModelRef
 
@@ -77,6 +77,12 @@ def test_tools_namespaces_joined_and_built_ins_left_out():
     assert functions[0]["function"] == {"name": "exec_command", "description": "Run.",
                                         "parameters": tools[0]["parameters"]}
     assert namespaced == {"multi_agent_v1__spawn_agent": ("multi_agent_v1", "spawn_agent")}
+
+
+def test_names_are_joined_the_way_codex_flattens_them():
+    assert joined_name("multi_agent_v1", "spawn_agent") == "multi_agent_v1__spawn_agent"
+    assert joined_name("mcp__docs__", "search") == "mcp__docs__search"  # an MCP namespace keeps one delimiter
+    assert joined_name("ns_", "_f") == "ns__f"
 
 
 def test_translate_sets_the_door_limits_and_tool_choice():

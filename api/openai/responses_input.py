@@ -18,9 +18,10 @@ from .responses_protocol import ResponsesRequest
 
 log = logging.getLogger("mlxd.api")
 
-# Codex calls a function of a `namespace` tool by `namespace__name` when it flattens
-# names (its MCP tools read `mcp__server__tool`); the model is offered that joined name,
-# and its call goes back split into `namespace` and `name`, which is how Codex routes it.
+# A function of a `namespace` tool is offered to the model under Codex's canonical flat
+# name (codex-rs ToolName::canonical_flat_name: the namespace without trailing `_`, `__`,
+# the name without leading `_`; an MCP tool reads `mcp__server__tool`), and the model's
+# call goes back split into `namespace` and `name`, which is how Codex routes it.
 NAMESPACE_SEPARATOR = "__"
 TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
 _ASSISTANT_SIDE = ("reasoning", "function_call")
@@ -43,6 +44,10 @@ class Translated:
     generation: GenerationRequest
     items: list[dict]
     namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def joined_name(namespace: str, name: str) -> str:
+    return f"{namespace.rstrip('_')}{NAMESPACE_SEPARATOR}{name.lstrip('_')}"
 
 
 def _once(key: str, message: str, *args) -> None:
@@ -119,7 +124,7 @@ def messages_of(instructions: Optional[str], items: list[dict], first_param: int
                 raise InputError("a function_call needs call_id and name", param)
             name = item["name"]
             if item.get("namespace"):
-                name = f"{item['namespace']}{NAMESPACE_SEPARATOR}{name}"
+                name = joined_name(item["namespace"], name)
             call = {"id": item["call_id"], "type": "function",
                     "function": {"name": name, "arguments": item.get("arguments") or "{}"}}
             assistant(False).setdefault("tool_calls", []).append(call)
@@ -155,8 +160,11 @@ def offered_tools(tools: Optional[list[dict]]) -> tuple[list[dict], dict[str, tu
             for j, inner in enumerate(tool.get("tools") or []):
                 if inner.get("type", "function") != "function":
                     continue
-                joined = f"{tool.get('name')}{NAMESPACE_SEPARATOR}{inner.get('name')}"
-                functions.append(_function(inner, joined, f"tools[{i}].tools[{j}]"))
+                param = f"tools[{i}].tools[{j}]"
+                if not isinstance(tool.get("name"), str) or not isinstance(inner.get("name"), str):
+                    raise InputError("a namespace and its functions need names", param)
+                joined = joined_name(tool["name"], inner["name"])
+                functions.append(_function(inner, joined, param))
                 namespaced[joined] = (tool.get("name"), inner["name"])
         else:
             _once(f"tool:{kind}", "tools of type %r are not offered to the model: mlxd cannot run them (logged once)", kind)
@@ -172,7 +180,7 @@ def _tool_choice(choice: Any, functions: list[dict]) -> Any:
         return choice.get("mode", "auto")
     name = choice.get("name")
     if choice.get("type") == "function" and choice.get("namespace"):
-        name = f"{choice['namespace']}{NAMESPACE_SEPARATOR}{name}"
+        name = joined_name(choice["namespace"], name or "")
     if choice.get("type") != "function" or name not in {f["function"]["name"] for f in functions}:
         raise InputError(f"tool_choice names a tool that is not among the offered functions: {choice}", "tool_choice")
     return {"type": "function", "function": {"name": name}}
