@@ -61,7 +61,7 @@ def scripted(models_dir):
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, scripted, greeting_model, random_model):
     args = ["--model", str(greeting_model.path), "--model", str(random_model)]
-    for name, model in scripted.items():
+    for model in scripted.values():
         args += ["--model", str(model.path)]
     # Keep-alive comments every 50 ms: every stream here must parse with them in it.
     server = ServerProcess(tmp_path_factory.mktemp("responses-logs"), [*args, "--max-loaded-models", "5"],
@@ -71,6 +71,7 @@ def server(tmp_path_factory, scripted, greeting_model, random_model):
 
 
 def served(name: str) -> str:
+    """The name `serve --model DIR` gives a scripted model: its directory's."""
     return f"responses-{name}"
 
 
@@ -273,7 +274,8 @@ def test_prompt_longer_than_the_context_fails_with_context_length_exceeded(serve
     assert error["message"].startswith(f"This model's maximum context length is {RANDOM_CONTEXT} tokens, "
                                        f"but the prompt has {prompt} tokens")
     whole = server.post("/v1/responses", json=body)
-    assert whole.status_code == 400 and whole.json()["error"]["code"] == "context_length_exceeded"
+    assert whole.status_code == 400
+    assert (whole.json()["error"]["code"], whole.json()["error"]["param"]) == ("context_length_exceeded", "input")
 
 
 def test_store_previous_response_id_and_get(server, scripted):

@@ -281,7 +281,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         handle, accepted = await submit(request, translated.generation)
     except ContextLengthExceeded as e:
         if not body.stream:
-            raise
+            return error_response(str(e), 400, param="input", code=e.code)
         # Codex reads a failed stream's context_length_exceeded as "the window is full".
         return _event_stream(_events(builder.refuse(e.code, str(e))))
     if accepted is None:  # client left while queued
