@@ -27,6 +27,9 @@ CLOSE_CALL = '<tool_call>\n{"name": "multi_agent_v1__close_agent", "arguments": 
 THOUGHT, ANSWER = "The user wants a greeting.", "Hello there, friend."
 SCRIPTS = {
     "caller": dict(script=BASH_CALL, after_tool_result=AFTER_TOOL),
+    # Devstral's family: its template wants alternating roles and 9-character call ids.
+    "devstral": dict(script=f"[TOOL_CALLS]bash[ARGS]{json.dumps(BASH_ARGS)}", after_tool_result=AFTER_TOOL,
+                     template="mistral"),
     "thinker": dict(script=f"<think>{THOUGHT}</think>\n{ANSWER}", template="qwen3"),
     "ns-caller": dict(script=CLOSE_CALL),
 }
@@ -64,7 +67,7 @@ def server(tmp_path_factory, scripted, greeting_model, random_model):
     for model in scripted.values():
         args += ["--model", str(model.path)]
     # Keep-alive comments every 50 ms: every stream here must parse with them in it.
-    server = ServerProcess(tmp_path_factory.mktemp("responses-logs"), [*args, "--max-loaded-models", "5"],
+    server = ServerProcess(tmp_path_factory.mktemp("responses-logs"), [*args, "--max-loaded-models", "6"],
                            env={"MLXD_KEEPALIVE_SECONDS": "0.05"}).start()
     yield server
     server.stop()
@@ -106,6 +109,12 @@ def assert_well_formed(events: list[dict]) -> None:
     assert added == done == [(i, item_id) for i, (_, item_id) in enumerate(added)]
     final = events[-1]["response"]
     assert [item["id"] for item in final["output"]] == [item_id for _, item_id in done]
+
+
+def engine_id(call) -> str:
+    """The id the template renders: the engine's own, without the door's `call_` prefix."""
+    assert call.call_id.startswith("call_")
+    return call.call_id[len("call_"):]
 
 
 def sdk_events(server, **kwargs) -> list:
@@ -173,11 +182,34 @@ def test_function_call_streams_and_its_output_gets_an_answer(server, scripted):
     assert after.usage.output_tokens == len(model.after_tool_token_ids) + 1
     truth = messages + [
         {"role": "assistant", "content": "", "tool_calls": [
-            {"id": call.call_id, "type": "function", "function": {"name": "bash", "arguments": BASH_ARGS}}]},
-        {"role": "tool", "tool_call_id": call.call_id, "content": "MARKER-1\n"},
+            {"id": engine_id(call), "type": "function", "function": {"name": "bash", "arguments": BASH_ARGS}}]},
+        {"role": "tool", "tool_call_id": engine_id(call), "content": "MARKER-1\n"},
     ]
     assert after.usage.input_tokens == ground_truth_prompt_tokens(model.path, truth, [chat_tool(BASH_TOOL)])
     assert after.usage.input_tokens_details.cached_tokens > 0  # the first turn's prompt
+
+
+def test_a_codex_conversation_renders_for_a_strict_template(server, scripted):
+    """Codex's two user messages in a row, and its `call_` ids, through Mistral's template."""
+    model = scripted["devstral"]
+    asked = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+             for text in ("<environment_context/>", "Print the marker.")]
+    first = server.client().responses.create(model=served("devstral"), input=asked, tools=[BASH_TOOL])
+    [call] = first.output
+    assert json.loads(call.arguments) == BASH_ARGS
+    history = asked + [
+        {"type": "function_call", "call_id": call.call_id, "name": "bash", "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "MARKER-1\n"},
+    ]
+    after = server.client().responses.create(model=served("devstral"), input=history, tools=[BASH_TOOL])
+    assert after.output_text == AFTER_TOOL
+    truth = [
+        {"role": "user", "content": "<environment_context/>\n\nPrint the marker."},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": engine_id(call), "type": "function", "function": {"name": "bash", "arguments": BASH_ARGS}}]},
+        {"role": "tool", "tool_call_id": engine_id(call), "content": "MARKER-1\n"},
+    ]
+    assert after.usage.input_tokens == ground_truth_prompt_tokens(model.path, truth, [chat_tool(BASH_TOOL)])
 
 
 def test_reasoning_then_text_with_a_summary(server, scripted):
@@ -290,8 +322,8 @@ def test_store_previous_response_id_and_get(server, scripted):
     assert follow.output_text == AFTER_TOOL and follow.previous_response_id == first.id
     truth = [{"role": "user", "content": "Print the marker."},
              {"role": "assistant", "content": "", "tool_calls": [
-                 {"id": call.call_id, "type": "function", "function": {"name": "bash", "arguments": BASH_ARGS}}]},
-             {"role": "tool", "tool_call_id": call.call_id, "content": "MARKER-1\n"}]
+                 {"id": engine_id(call), "type": "function", "function": {"name": "bash", "arguments": BASH_ARGS}}]},
+             {"role": "tool", "tool_call_id": engine_id(call), "content": "MARKER-1\n"}]
     model = scripted["caller"]
     assert follow.usage.input_tokens == ground_truth_prompt_tokens(model.path, truth, [chat_tool(BASH_TOOL)])
 

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from mlxd.api.openai.responses_input import InputError, joined_name, messages_of, offered_tools, translate
+from mlxd.api.openai.responses_input import (
+    InputError,
+    joined_name,
+    messages_of,
+    offered_tools,
+    template_call_id,
+    translate,
+)
 from mlxd.api.openai.responses_protocol import ResponsesRequest
 from mlxd.server.engine import ModelRef
 
@@ -41,8 +48,7 @@ def test_a_codex_turn_becomes_chat_messages():
     ]
     assert messages_of("Be careful.", items) == [
         {"role": "system", "content": "Be careful.\n\nYou are Codex.\n\n<skills>...</skills>"},
-        {"role": "user", "content": "<environment_context/>"},
-        {"role": "user", "content": "Fix the bug."},
+        {"role": "user", "content": "<environment_context/>\n\nFix the bug."},
         {"role": "assistant", "content": "Reading it.", "reasoning_content": "Look at the file first.", "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "exec_command", "arguments": '{"cmd": "cat a.py"}'}},
             {"id": "call_2", "type": "function", "function": {"name": "multi_agent_v1__close_agent", "arguments": "{}"}},
@@ -77,6 +83,16 @@ def test_tools_namespaces_joined_and_built_ins_left_out():
     assert functions[0]["function"] == {"name": "exec_command", "description": "Run.",
                                         "parameters": tools[0]["parameters"]}
     assert namespaced == {"multi_agent_v1__spawn_agent": ("multi_agent_v1", "spawn_agent")}
+
+
+def test_this_doors_call_ids_reach_the_template_as_the_engines_own():
+    items = [text("user", "hi"),
+             {"type": "function_call", "call_id": "call_abc123XYZ", "name": "f", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "call_abc123XYZ", "output": "ok"}]
+    _, assistant, tool = messages_of(None, items)
+    assert assistant["tool_calls"][0]["id"] == tool["tool_call_id"] == "abc123XYZ"
+    assert template_call_id("toolu_01ABC") == "toolu_01ABC"  # another client's id stays as it came
+    assert template_call_id("call_1") == "call_1"
 
 
 def test_names_are_joined_the_way_codex_flattens_them():

@@ -35,7 +35,7 @@ from mlxd.server.events import (
 
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit
 from ..errors import error_body, error_response
-from .responses_input import InputError, Translated, translate
+from .responses_input import CALL_ID_PREFIX, InputError, Translated, translate
 from .responses_protocol import ResponsesRequest
 
 log = logging.getLogger("mlxd.api")
@@ -209,7 +209,7 @@ class ResponseBuilder:
     def _open_call(self, start: ToolCallStart) -> list[dict]:
         namespace, name = self.namespaced.get(start.name, (None, start.name))
         self.item = {"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "status": "in_progress",
-                     "call_id": f"call_{start.id}", "name": name, "arguments": ""}
+                     "call_id": f"{CALL_ID_PREFIX}{start.id}", "name": name, "arguments": ""}
         if namespace:
             self.item["namespace"] = namespace
         return [self.event("response.output_item.added", output_index=len(self.output), item=dict(self.item))]

@@ -23,6 +23,7 @@ log = logging.getLogger("mlxd.api")
 # the name without leading `_`; an MCP tool reads `mcp__server__tool`), and the model's
 # call goes back split into `namespace` and `name`, which is how Codex routes it.
 NAMESPACE_SEPARATOR = "__"
+CALL_ID_PREFIX = "call_"  # Responses call ids read call_...; the engine's ids are bare
 TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
 _ASSISTANT_SIDE = ("reasoning", "function_call")
 _logged_once: set[str] = set()
@@ -44,6 +45,13 @@ class Translated:
     generation: GenerationRequest
     items: list[dict]
     namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def template_call_id(call_id: str) -> str:
+    """The engine's own call id (9 letters and digits, which Mistral's templates demand)
+    for a `call_` id this door made; any other id as it came."""
+    engine_id = call_id.removeprefix(CALL_ID_PREFIX)
+    return engine_id if len(engine_id) == 9 and engine_id.isalnum() else call_id
 
 
 def joined_name(namespace: str, name: str) -> str:
@@ -109,6 +117,10 @@ def messages_of(instructions: Optional[str], items: list[dict], first_param: int
             role = "system" if role in ("system", "developer") else role
             if role == "system" and all(m["role"] == "system" for m in messages) and messages:
                 messages[0]["content"] += "\n\n" + text
+            elif role == "user" and messages and messages[-1]["role"] == "user":
+                # Codex sends its environment context and the prompt as two user messages;
+                # templates that demand alternating roles (Mistral's) refuse that.
+                messages[-1]["content"] += "\n\n" + text
             elif role in ("system", "user"):
                 messages.append({"role": role, "content": text})
             else:
@@ -125,7 +137,7 @@ def messages_of(instructions: Optional[str], items: list[dict], first_param: int
             name = item["name"]
             if item.get("namespace"):
                 name = joined_name(item["namespace"], name)
-            call = {"id": item["call_id"], "type": "function",
+            call = {"id": template_call_id(item["call_id"]), "type": "function",
                     "function": {"name": name, "arguments": item.get("arguments") or "{}"}}
             assistant(False).setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
@@ -133,7 +145,7 @@ def messages_of(instructions: Optional[str], items: list[dict], first_param: int
                 raise InputError("a function_call_output needs call_id", param)
             turn = None
             output = _text(item.get("output"), f"{param}.output")
-            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
+            messages.append({"role": "tool", "tool_call_id": template_call_id(item["call_id"]), "content": output})
         else:
             _once(f"item:{kind}", "input items of type %r are skipped: mlxd cannot replay them (logged once)", kind)
     return messages
