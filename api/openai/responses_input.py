@@ -95,9 +95,12 @@ def messages_of(instructions: Optional[str], items: list[dict], first_param: int
     messages: list[dict] = [{"role": "system", "content": instructions}] if instructions else []
     turn: Optional[dict] = None  # the assistant message being assembled
 
-    def assistant(new_turn: bool) -> dict:
+    def assistant(fresh_if_spoken: bool) -> dict:
+        """The open assistant turn; a new one when none is open, or when text or reasoning
+        follows a turn that already has text or calls (the model spoke again)."""
         nonlocal turn
-        if turn is None or new_turn:
+        spoken = turn is not None and bool(turn["content"] or turn.get("tool_calls"))
+        if turn is None or (fresh_if_spoken and spoken):
             turn = {"role": "assistant", "content": ""}
             messages.append(turn)
         return turn
@@ -109,9 +112,7 @@ def messages_of(instructions: Optional[str], items: list[dict], first_param: int
             role = item.get("role")
             text = _text(item.get("content"), f"{param}.content")
             if role == "assistant":
-                current = assistant(False)
-                current_full = bool(current["content"] or current.get("tool_calls"))
-                assistant(current_full)["content"] = text
+                assistant(True)["content"] = text
                 continue
             turn = None
             role = "system" if role in ("system", "developer") else role
@@ -128,8 +129,7 @@ def messages_of(instructions: Optional[str], items: list[dict], first_param: int
         elif kind == "reasoning":
             text = _reasoning_text(item, param)
             if text:
-                current = assistant(False)
-                current = assistant(bool(current["content"] or current.get("tool_calls")))
+                current = assistant(True)
                 current["reasoning_content"] = current.get("reasoning_content", "") + text
         elif kind == "function_call":
             if not item.get("call_id") or not item.get("name"):
