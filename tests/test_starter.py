@@ -155,6 +155,11 @@ def test_the_starter_steps_aside_once_another_model_is_downloaded(tmp_path, hub,
         assert named.choices[0].message.content == "Hello from the starter."  # still served when named
     finally:
         again.stop()
+    chosen = ServerProcess(tmp_path, ["--model", "smollm2:135m"], env=hub_home).start()
+    try:
+        assert model_ids(chosen) == ["smollm2:135m", "qwen2.5-coder:0.5b-4bit"]
+    finally:
+        chosen.stop()
 
 
 def test_no_starter_serves_nothing_on_a_fresh_machine(tmp_path):
