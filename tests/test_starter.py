@@ -98,6 +98,15 @@ def test_the_converted_model_is_a_4bit_llama_with_the_gguf_tokenizer(smollm2_dir
     assert tokenizer_config["eos_token"] == "<|im_end|>"
     assert "<|im_start|>" in tokenizer_config["chat_template"]
 
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    text = "Héllo, wörld! 2024 cafés\n\tdef f(x):  return x**2  # ✓ 日本"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    assert tokenizer.encode("<|im_start|>user<|im_end|>", add_special_tokens=False)[::2] == [1, 2]
+    assert len(tokenizer.encode(" 2024", add_special_tokens=False)) == 5  # digits split one by one, as llama.cpp's "smollm"
+    assert tokenizer.eos_token_id == 2
+
 
 # The hub path, --no-starter, stepping aside (fake hub, scripted models) -------------
 
