@@ -76,8 +76,6 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     local = {ref.name: ref.path for ref in preload if ref.local}
     starter_path, starter_listed = _starter(args)
-    if starter_listed:
-        preload.append(_ServedModel(registry.STARTER, starter_path, local=False))
     log.info("%s", describe(setup_blas()))  # timed before the engine starts loading models beside it
     engine = Engine(
         max_loaded_models=args.max_loaded_models,
@@ -91,6 +89,8 @@ def _serve(args: argparse.Namespace) -> int:
     runtime = Runtime(engine, local, pull_on_demand=args.pull, starter=starter_path, starter_listed=starter_listed)
     for ref in preload[: args.max_loaded_models]:
         engine.preload(ModelRef(ref.name, ref.path, ref.tool_format))
+    if starter_listed:  # no --model: the starter is what this server serves
+        engine.preload(ModelRef(registry.STARTER, starter_path))
     app = create_app(runtime, version=version())
     log.info("mlxd %s serving on http://%s:%d/v1", version(), args.host, args.port)
     try:
