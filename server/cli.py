@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxd import registry
+from mlxd.registry import starter
 
 from . import codex, doctor, opencode, registry_cli
 from .blas import describe, load_blas, setup_blas
@@ -30,6 +31,8 @@ class _ServedModel:
 
 def _served_model(name: str, pull: bool) -> _ServedModel:
     """A --model argument: a local directory, or a registry name that is (or gets) downloaded."""
+    if name == registry.STARTER:
+        return _ServedModel(name, starter.obtain_starter(), local=True)
     resolved = registry.resolve(name)
     if resolved.repo is None:
         return _ServedModel(resolved.served_name, resolved.path, local=True)
@@ -39,6 +42,23 @@ def _served_model(name: str, pull: bool) -> _ServedModel:
         resolved = registry.pull(name)
     tool_format = resolved.family.tool_format if resolved.family else None
     return _ServedModel(resolved.served_name, resolved.path, local=False, tool_format=tool_format)
+
+
+def _starter(args: argparse.Namespace) -> tuple[Path | None, bool]:
+    """The starter's directory, and whether it is the default: it is (and is fetched once)
+    when no --model is given and nothing else is downloaded; otherwise a cached copy is
+    still served to requests that name it."""
+    if args.no_starter:
+        return None, False
+    if args.model or starter.other_models_downloaded():
+        return starter.cached_starter(), False
+    log.info("no models downloaded; serving the starter %s; mlxd pull qwen2.5-coder for a coding model",
+             registry.STARTER)
+    try:
+        return starter.obtain_starter(), True
+    except registry.RegistryError as e:
+        log.warning("the starter %s is unavailable: %s", registry.STARTER, e)
+        return None, False
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -55,6 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"mlxd: {e}", file=sys.stderr)
         return 2
     local = {ref.name: ref.path for ref in preload if ref.local}
+    starter_path, starter_listed = _starter(args)
     log.info("%s", describe(setup_blas()))  # timed before the engine starts loading models beside it
     engine = Engine(
         max_loaded_models=args.max_loaded_models,
@@ -65,9 +86,11 @@ def _serve(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     engine.start()
-    runtime = Runtime(engine, local, pull_on_demand=args.pull)
+    runtime = Runtime(engine, local, pull_on_demand=args.pull, starter=starter_path, starter_listed=starter_listed)
     for ref in preload[: args.max_loaded_models]:
         engine.preload(ModelRef(ref.name, ref.path, ref.tool_format))
+    if starter_listed:  # no --model: the starter is what this server serves
+        engine.preload(ModelRef(registry.STARTER, starter_path))
     app = create_app(runtime, version=version())
     log.info("mlxd %s serving on http://%s:%d/v1", version(), args.host, args.port)
     try:
@@ -98,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch before 429")
     serve.add_argument("--prompt-cache-gb", type=float, default=4.0, help="memory budget of the prefix cache")
     serve.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from models")
+    # starter
+    serve.add_argument("--no-starter", action="store_true",
+                       help=f"do not serve the starter model {registry.STARTER} when nothing is downloaded")
     serve.set_defaults(func=_serve)
     registry_cli.add_parsers(sub)
     doctor.add_parser(sub)

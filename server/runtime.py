@@ -24,6 +24,7 @@ class ModelInfo:
     size_bytes: int
     repo: Optional[str] = None
     loaded: bool = False
+    starter: Optional[bool] = None
     memory_bytes: Optional[int] = None
     idle_seconds: Optional[float] = None
 
@@ -34,12 +35,23 @@ def _looks_like_path(name: str) -> bool:
 
 class Runtime:
     """Composes the engine with the models it may serve: local directories given at
-    start, and complete downloads in the registry's store."""
+    start, and complete downloads in the registry's store. The starter model, when
+    given, is served by its name; `starter_listed` also lists it and makes it the default."""
 
-    def __init__(self, engine: Engine, local_models: dict[str, Path], *, pull_on_demand: bool = False):
+    def __init__(
+        self,
+        engine: Engine,
+        local_models: dict[str, Path],
+        *,
+        pull_on_demand: bool = False,
+        starter: Optional[Path] = None,
+        starter_listed: bool = False,
+    ):
         self.engine = engine
         self.local_models = {name: Path(p).resolve() for name, p in local_models.items()}
         self.pull_on_demand = pull_on_demand
+        self.starter = Path(starter).resolve() if starter else None
+        self.starter_listed = starter_listed and starter is not None
 
     def resolve(self, name: str) -> ModelRef:
         """A request's model name -> what to load. Requests may name served local
@@ -47,6 +59,8 @@ class Runtime:
         for known_name, known_path in self.local_models.items():
             if name == known_name or name == str(known_path):
                 return ModelRef(name=known_name, path=known_path)
+        if self.starter and name == registry.STARTER:
+            return ModelRef(name=registry.STARTER, path=self.starter)
         not_served = ModelNotFound(
             f"The model '{name}' is not served here: start mlxd with --model {name} to serve a local directory."
         )
@@ -80,7 +94,14 @@ class Runtime:
             for name, path in sorted(self.local_models.items())
         ]
         local_paths = set(self.local_models.values())
-        for m in registry.list_models():
+        downloads = registry.list_models()
+        # The starter steps aside as soon as another model is downloaded, even while serving.
+        if self.starter_listed and all(Path(m.path).resolve() == self.starter for m in downloads):
+            context = registry.config_context_length(self.starter) or DEFAULT_CONTEXT_LENGTH
+            size = registry.directory_size(self.starter)
+            infos.insert(0, ModelInfo(registry.STARTER, str(self.starter), context, size, starter=True))
+            local_paths.add(self.starter)
+        for m in downloads:
             if Path(m.path).resolve() not in local_paths:
                 infos.append(ModelInfo(m.name, str(m.path), m.context_length, m.size_bytes, repo=m.repo))
         loaded = {m["name"]: m for m in self.engine.loaded_models()}
