@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlxd import registry
 
-from . import doctor, opencode, registry_cli
+from . import claude, doctor, opencode, registry_cli
 from .blas import describe, load_blas, setup_blas
 
 log = logging.getLogger("mlxd")
@@ -55,6 +55,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"mlxd: {e}", file=sys.stderr)
         return 2
     local = {ref.name: ref.path for ref in preload if ref.local}
+    try:
+        aliases = claude.parse_aliases(args.alias or [], {arg: ref.name for arg, ref in zip(args.model or [], preload)})
+    except ValueError as e:
+        print(f"mlxd: {e}", file=sys.stderr)
+        return 2
     log.info("%s", describe(setup_blas()))  # timed before the engine starts loading models beside it
     engine = Engine(
         max_loaded_models=args.max_loaded_models,
@@ -65,7 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     engine.start()
-    runtime = Runtime(engine, local, pull_on_demand=args.pull)
+    runtime = Runtime(engine, local, pull_on_demand=args.pull, aliases=aliases)
     for ref in preload[: args.max_loaded_models]:
         engine.preload(ModelRef(ref.name, ref.path, ref.tool_format))
     app = create_app(runtime, version=version())
@@ -98,10 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch before 429")
     serve.add_argument("--prompt-cache-gb", type=float, default=4.0, help="memory budget of the prefix cache")
     serve.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from models")
+    # model aliases (Claude Code's fixed model names)
+    serve.add_argument("--alias", action="append", metavar="NAME=MODEL",
+                       help="answer requests for NAME with MODEL (a --model value or a served name), "
+                            "e.g. claude-haiku-4-5=qwen2.5-coder:1.5b; repeatable")
     serve.set_defaults(func=_serve)
     registry_cli.add_parsers(sub)
     doctor.add_parser(sub)
     opencode.add_parser(sub)
+    claude.add_parser(sub)
     return parser
 
 
