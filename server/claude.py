@@ -16,6 +16,7 @@ import sys
 
 from mlxd import registry
 
+from .models import DEFAULT_CONTEXT_LENGTH
 from .opencode import served_models
 
 AUTH_TOKEN = "mlxd"  # Claude Code needs one; mlxd checks it only when started with API keys
@@ -33,7 +34,7 @@ def parse_aliases(items: list[str], served: dict[str, str]) -> dict[str, str]:
     return aliases
 
 
-def environment(base_url: str, model: str, small_model: str) -> dict[str, str]:
+def environment(base_url: str, model: str, small_model: str, context_length: int) -> dict[str, str]:
     return {
         "ANTHROPIC_BASE_URL": base_url,
         "ANTHROPIC_AUTH_TOKEN": AUTH_TOKEN,
@@ -43,6 +44,8 @@ def environment(base_url: str, model: str, small_model: str) -> dict[str, str]:
         "ANTHROPIC_DEFAULT_HAIKU_MODEL": small_model,
         "ANTHROPIC_SMALL_FAST_MODEL": small_model,
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        # Claude Code assumes a window far larger than a local model's; it compacts near this size.
+        "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(context_length),
     }
 
 
@@ -58,14 +61,14 @@ def serve_command(model: str, small_model: str, host: str, port: int) -> list[st
     return command
 
 
-def script(base_url: str, model: str, small_model: str, serve: list[str]) -> str:
+def script(env: dict[str, str], serve: list[str]) -> str:
     """Shell lines for `eval "$(mlxd claude ...)"`; the serve command rides along as a comment."""
     lines = [
         "# Start the server (in another terminal):",
         f"#   {shlex.join(serve)}",
         "# Then run `claude` where these are set:",
     ]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in environment(base_url, model, small_model).items()]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     return "\n".join(lines)
 
 
@@ -80,21 +83,18 @@ def _default_model(names: list[str]) -> str:
     return agentic[0]
 
 
-def served_name(model: str) -> str:
-    """The name requests use for a `--model` value: a local directory's folder name, or the registry name."""
-    return registry.resolve(model).served_name
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         model = args.model or _default_model([])
         small_model = args.small_model or model
-        names = served_name(model), served_name(small_model)
+        main, small = registry.resolve(model), registry.resolve(small_model)
     except registry.RegistryError as e:
         print(f"mlxd: {e}", file=sys.stderr)
         return 1
     base_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    print(script(base_url, *names, serve_command(model, small_model, args.host, args.port)))
+    # Requests name a model as mlxd serves it: a local directory by its folder name.
+    env = environment(base_url, main.served_name, small.served_name, main.context_length or DEFAULT_CONTEXT_LENGTH)
+    print(script(env, serve_command(model, small_model, args.host, args.port)))
     return 0
 
 
