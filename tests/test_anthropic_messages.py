@@ -59,6 +59,7 @@ def server(tmp_path_factory, models):
     server = ServerProcess(
         tmp_path_factory.mktemp("anthropic-logs"),
         [*args, "--max-loaded-models", "4", "--alias", f"claude-haiku-4-5={models['texter'].path}"],
+        env={"MLXD_KEEPALIVE_SECONDS": "0.05"},
     ).start()
     yield server
     server.stop()
@@ -69,9 +70,9 @@ def client(server) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=server.base_url, api_key="mlxd", max_retries=0, timeout=120)
 
 
-def raw_events(server, body: dict) -> list[dict]:
+def raw_events(server, body: dict, pings: list | None = None) -> list[dict]:
     """The SSE events of a streamed request, each checked against the SDK's event types
-    and against its `event:` line; pings are left out."""
+    and against its `event:` line; pings go to `pings` (with how many events came before each)."""
     events, name = [], None
     with httpx.stream("POST", server.base_url + "/v1/messages", json={**body, "stream": True}, timeout=120) as r:
         assert r.status_code == 200, r.read()
@@ -83,6 +84,9 @@ def raw_events(server, body: dict) -> list[dict]:
                 data = json.loads(line[len("data: "):])
                 assert data["type"] == name
                 if name == "ping":
+                    assert data == {"type": "ping"}
+                    if pings is not None:
+                        pings.append(len(events))
                     continue
                 if name != "error":
                     _EVENTS.validate_python(data)
@@ -159,6 +163,16 @@ def test_streamed_text_with_the_usage_split_anthropic_s_way(server, client, mode
     u = message.usage
     assert u.input_tokens + u.cache_read_input_tokens == prompt
     assert u.cache_read_input_tokens > 0  # the same prompt again: read from the prefix cache
+
+
+def test_pings_keep_the_stream_alive_while_a_long_prompt_is_read(server, client):
+    # ~8k prompt tokens take far longer to read than the test server's 0.05 s ping interval.
+    long = [{"role": "user", "content": "Pings keep this stream alive. " + "lorem ipsum dolor " * 2000}]
+    pings = []
+    events = raw_events(server, {"model": "texter", "max_tokens": 200, "messages": long}, pings)
+    assert_well_formed(events)
+    assert blocks(events) == [("text", TEXT)]
+    assert pings and pings[0] == 1  # the first ping came after message_start, before any content
 
 
 def test_a_streamed_tool_call_and_its_result(server, client, models):
@@ -341,10 +355,17 @@ def test_bad_requests_answer_in_anthropic_s_envelope(server, client, models):
 
 
 def test_a_failure_mid_stream_sends_an_error_event(tmp_path, models):
-    server = ServerProcess(tmp_path, ["--model", str(models["texter"].path)],
+    # Only the first model is loaded at start; count_tokens on the second lends just its tokenizer.
+    server = ServerProcess(tmp_path, ["--model", str(models["texter"].path), "--model", str(models["weather"].path)],
                            env={"MLXD_TEST_FAIL_AFTER": "3", "MLXD_TEST_FAILURES": "1"},
                            module="tests.faulty_server").start()
     try:
+        response = server.post("/v1/messages/count_tokens", json={"model": "weather", "messages": ASK, "tools": TOOLS})
+        assert "loading model weather" not in server.log()
+        tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                                   "parameters": t["input_schema"]}} for t in TOOLS]
+        assert response.json() == {"input_tokens": prompt_length(models["weather"], ASK, tools)}
+
         events = raw_events(server, {"model": "texter", "max_tokens": 200, "messages": ASK})
         assert events[0]["type"] == "message_start" and events[-1]["type"] == "error"
         assert events[-1]["error"]["type"] == "api_error"
