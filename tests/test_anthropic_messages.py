@@ -8,6 +8,8 @@ and usage is checked against the prompt tokenized outside the server.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import anthropic
 import httpx
@@ -375,3 +377,17 @@ def test_a_failure_mid_stream_sends_an_error_event(tmp_path, models):
         assert client.messages.create(model="texter", max_tokens=200, messages=ASK).content[0].text == TEXT
     finally:
         server.stop()
+
+
+def test_mlxd_claude_names_served_models_and_the_serve_line(models):
+    texter, weather = str(models["texter"].path), str(models["weather"].path)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlxd.server.cli", "claude", "--model", weather, "--small-model", texter, "--port", "9123"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f"#   mlxd serve --model {weather} --model {texter} --max-loaded-models 2 --port 9123" in lines
+    assert "export ANTHROPIC_BASE_URL=http://127.0.0.1:9123" in lines
+    assert "export ANTHROPIC_MODEL=weather" in lines and "export ANTHROPIC_DEFAULT_HAIKU_MODEL=texter" in lines
+    assert "export CLAUDE_CODE_AUTO_COMPACT_WINDOW=32768" in lines
