@@ -82,20 +82,8 @@ def engine_error_status(error: EngineError) -> int:
 
 def engine_error_response(error: EngineError, door: str = "openai") -> JSONResponse:
     headers = {"Retry-After": str(error.retry_after)} if isinstance(error, QueueFull) else None
-    message, status = str(error), engine_error_status(error)
-    if door == "anthropic":
-        message, status = _anthropic_wording(error, message, status)
-    return error_response(message, status, param=error.param, code=error.code, headers=headers, door=door)
-
-
-def _anthropic_wording(error: EngineError, message: str, status: int) -> tuple[str, int]:
-    """Anthropic's words where its clients act on them: Claude Code recovers from a long
-    prompt by matching "prompt is too long", and waits out 529 (overloaded) on a full queue."""
-    if isinstance(error, ContextLengthExceeded):
-        return f"prompt is too long: {error.prompt_tokens} tokens > {error.context_length} maximum", status
-    if isinstance(error, QueueFull):
-        return message, 529
-    return message, status
+    return error_response(str(error), engine_error_status(error), param=error.param, code=error.code,
+                          headers=headers, door=door)
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}

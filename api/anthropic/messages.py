@@ -15,7 +15,7 @@ import json
 import logging
 import uuid
 from dataclasses import replace
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -23,10 +23,11 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 
 from mlxd.server.engine import Accepted, GenerationRequest, ModelRef, RequestHandle, SamplingParams
+from mlxd.server.errors import ContextLengthExceeded, QueueFull
 from mlxd.server.events import ContentDelta, Failure, Finish, ReasoningDelta, ToolCallArguments, ToolCallStart
 
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit
-from ..errors import error_body
+from ..errors import error_body, error_response
 from .protocol import CountTokensRequest, Message, MessagesRequest, TextBlock
 
 router = APIRouter()
@@ -50,7 +51,10 @@ async def create_message(body: MessagesRequest, request: Request):
         stop=body.stop_sequences or [],
         sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k),
     )
-    handle, accepted = await submit(request, generation)
+    try:
+        handle, accepted = await submit(request, generation)
+    except (ContextLengthExceeded, QueueFull) as e:
+        return engine_error_response(e)
     if accepted is None:  # client left while queued
         return JSONResponse(error_body("client disconnected", 499, door=_ANTHROPIC), status_code=499)
     writer = MessageWriter(message_id, body.model, accepted)
@@ -76,6 +80,16 @@ async def count_tokens(body: CountTokensRequest, request: Request):
     except ValueError as e:  # the chat template refuses these messages
         raise HTTPException(400, str(e)) from e
     return {"input_tokens": n}
+
+
+def engine_error_response(error: Union[ContextLengthExceeded, QueueFull]) -> JSONResponse:
+    """Anthropic's words where its clients act on them: Claude Code recovers from a long
+    prompt by matching "prompt is too long", and waits out 529 (overloaded) on a full queue.
+    Other engine errors take the shared handler (api/errors.py), in this door's envelope."""
+    if isinstance(error, ContextLengthExceeded):
+        message = f"prompt is too long: {error.prompt_tokens} tokens > {error.context_length} maximum"
+        return error_response(message, 400, door=_ANTHROPIC)
+    return error_response(str(error), 529, headers={"Retry-After": str(error.retry_after)}, door=_ANTHROPIC)
 
 
 # -- request -> engine -------------------------------------------------------
