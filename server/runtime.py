@@ -51,6 +51,8 @@ class Runtime:
         self.pull_on_demand = pull_on_demand
         # Names clients insist on (Claude Code's claude-sonnet-4-5) -> a served model's name.
         self.aliases = dict(aliases or {})
+        for name, target in self.aliases.items():
+            log.info("requests for %s are answered by %s", name, target)
         self._tokenizers: dict[Path, tuple] = {}
 
     def resolve(self, name: str) -> ModelRef:
