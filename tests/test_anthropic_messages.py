@@ -338,8 +338,9 @@ def test_bad_requests_answer_in_anthropic_s_envelope(server, client, models):
     assert "claude-sonnet-4-5" in message and "texter" in message and "--alias" in message
     assert "not in tools" in _error(post({"model": "weather", "max_tokens": 10, "messages": ASK, "tools": TOOLS,
                                           "tool_choice": {"type": "tool", "name": "nope"}}), 400, "invalid_request_error")
-    assert "unknown" not in _error(post({"model": "texter", "max_tokens": 10, "messages": [
+    message = _error(post({"model": "texter", "max_tokens": 10, "messages": [
         {"role": "user", "content": [{"type": "video", "url": "x"}]}]}), 400, "invalid_request_error")
+    assert "messages[0].content[0]" in message and "'video'" in message
 
     # A prompt longer than the context, in the words Claude Code's recovery looks for.
     long = [{"role": "user", "content": "word " * 200}]
