@@ -152,6 +152,7 @@ def test_streamed_text_with_the_usage_split_anthropic_s_way(server, client, mode
     assert usage["cache_creation_input_tokens"] == 0
     assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
     assert delta["usage"]["output_tokens"] == len(models["texter"].script_token_ids) + 1  # and the end token
+    assert delta["usage"]["output_tokens_details"] == {"thinking_tokens": 0}
     assert delta["usage"]["input_tokens"] == usage["input_tokens"]
     assert delta["usage"]["cache_read_input_tokens"] == usage["cache_read_input_tokens"]
     assert count(client, model="texter", messages=ASK) == prompt
@@ -228,6 +229,11 @@ def test_reasoning_streams_as_a_signed_thinking_block(server, client, models):
     thinking, text = message.content
     assert thinking.type == "thinking" and thinking.thinking == THOUGHT and thinking.signature
     assert text.text == ANSWER
+    # Thinking tokens: <think> through </think>, taken from the script's own ids.
+    script = models["thinker"].script_token_ids
+    think_end = script.index(tokenizer_of(models["thinker"].path).convert_tokens_to_ids("</think>"))
+    assert message.usage.output_tokens_details.thinking_tokens == think_end + 1
+    assert message.usage.output_tokens == len(script) + 1
 
     # thinking on/off is the template's enable_thinking switch: the prompts differ as the template says.
     model = models["thinker"]

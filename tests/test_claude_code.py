@@ -1,4 +1,4 @@
-"""Claude Code itself, headless, against a real mlxd: a text answer and a Bash tool round trip.
+"""Claude Code itself, headless, against a real mlxd: a text answer, a Bash tool round trip, thinking.
 
 Claude Code (pinned in tests/clients/claude/package.json; its npm package ships a native
 binary, nothing else is downloaded) runs `claude -p` with HOME in a temporary folder and
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -30,6 +31,8 @@ BASH_CALL = (
     f'{{"command": "{COMMAND}", "description": "Print the marker"}}}}\n</tool_call>'
 )
 AFTER_TOOL = "The marker is printed. All done."
+THOUGHT, ANSWER = "The user wants a greeting.", "Hello, thoughtfully."
+_REASONING = re.compile(r"request done \(\w+\): .* completion \d+ tokens \((\d+) reasoning\)")
 RUN_TIMEOUT_S = 300
 
 
@@ -44,13 +47,14 @@ def scripted(claude, tmp_path_factory):
     return {
         "texter": build_scripted_model(models / "texter", TEXT),
         "bash-caller": build_scripted_model(models / "bash-caller", BASH_CALL, after_tool_result=AFTER_TOOL),
+        "thinker": build_scripted_model(models / "thinker", f"<think>{THOUGHT}</think>\n{ANSWER}", template="qwen3"),
     }
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, scripted):
     args = [arg for model in scripted.values() for arg in ("--model", str(model.path))]
-    server = ServerProcess(tmp_path_factory.mktemp("claude-logs"), [*args, "--max-loaded-models", "2"]).start()
+    server = ServerProcess(tmp_path_factory.mktemp("claude-logs"), [*args, "--max-loaded-models", "3"]).start()
     yield server
     server.stop()
 
@@ -130,3 +134,18 @@ def test_bash_tool_round_trip(claude, server, scripted, tmp_path):
     assert (second.finish_reason, second.completion_tokens) == ("stop", len(model.after_tool_token_ids) + 1)
     # The request with the tool result reads the first turn from the prefix cache.
     assert second.cached_tokens >= first.prompt_tokens
+
+
+def test_thinking_reaches_claude_code_as_a_signed_block(claude, server, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    log_start = len(server.log())
+    out = run_claude(claude, server, home, "thinker", "Say hello", "--output-format", "stream-json", "--verbose")
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    blocks = [b for e in events if e["type"] == "assistant" for b in e["message"]["content"]]
+    assert [b["type"] for b in blocks] == ["thinking", "text"]
+    assert blocks[0]["thinking"] == THOUGHT and blocks[0]["signature"] and blocks[1]["text"] == ANSWER
+    [result] = [e for e in events if e["type"] == "result"]
+    log = server.log()[log_start:]
+    _assert_usage_is_mlxd_s(result["usage"], log)
+    assert result["usage"]["output_tokens_details"]["thinking_tokens"] == sum(map(int, _REASONING.findall(log))) > 0

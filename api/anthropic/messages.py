@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from mlxd.server.engine import Accepted, GenerationRequest, ModelRef, RequestHandle, SamplingParams
 from mlxd.server.errors import ContextLengthExceeded, QueueFull
-from mlxd.server.events import ContentDelta, Failure, Finish, ReasoningDelta, ToolCallArguments, ToolCallStart
+from mlxd.server.events import ContentDelta, Failure, Finish, ReasoningDelta, ToolCallArguments, ToolCallStart, Usage
 
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit
 from ..errors import error_body, error_response
@@ -205,13 +205,20 @@ def _tool_result_text(block, where: str, model: str) -> str:
 # -- engine events -> Anthropic ----------------------------------------------
 
 
-def usage_dict(prompt_tokens: int, cached_tokens: int, output_tokens: int) -> dict:
-    return {
+def usage_dict(prompt_tokens: int, cached_tokens: int, output_tokens: int, thinking_tokens: Optional[int] = None) -> dict:
+    usage = {
         "input_tokens": prompt_tokens - cached_tokens,
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": cached_tokens,
         "output_tokens": output_tokens,
     }
+    if thinking_tokens is not None:  # the final usage: how many output tokens were reasoning
+        usage["output_tokens_details"] = {"thinking_tokens": thinking_tokens}
+    return usage
+
+
+def final_usage(usage: Usage) -> dict:
+    return usage_dict(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning_tokens)
 
 
 def stop_reason(finish: Finish) -> str:
@@ -265,12 +272,10 @@ class MessageWriter:
         return out
 
     def finish(self, finish: Finish) -> list[dict]:
-        usage = finish.usage
         delta = {"stop_reason": stop_reason(finish), "stop_sequence": finish.stop_sequence}
         return [
             *self._close(),
-            {"type": "message_delta", "delta": delta,
-             "usage": usage_dict(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)},
+            {"type": "message_delta", "delta": delta, "usage": final_usage(finish.usage)},
             {"type": "message_stop"},
         ]
 
@@ -324,8 +329,8 @@ async def _complete(writer: MessageWriter, handle: RequestHandle, request: Reque
     last = answer.last
     if isinstance(last, Failure):
         return JSONResponse(error_body(last.message, 500, door=_ANTHROPIC), status_code=500)
-    usage = usage_dict(last.usage.prompt_tokens, last.usage.cached_tokens, last.usage.completion_tokens)
-    return JSONResponse(writer.message(content_blocks(answer), usage, stop_reason(last), last.stop_sequence))
+    message = writer.message(content_blocks(answer), final_usage(last.usage), stop_reason(last), last.stop_sequence)
+    return JSONResponse(message)
 
 
 def content_blocks(answer: Answer) -> list[dict]:
