@@ -336,6 +336,9 @@ def test_bad_requests_answer_in_anthropic_s_envelope(server, client, models):
     assert "parse the JSON" in _error(
         server.post("/v1/messages", content=b"{not json", headers={"content-type": "application/json"}),
         400, "invalid_request_error")
+    too_big = b"{" + b" " * (32 * 1024 * 1024)  # past the 32 MiB body limit
+    _error(server.post("/v1/messages", content=too_big, headers={"content-type": "application/json"}),
+           413, "request_too_large")
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
     message = _error(post({"model": "texter", "max_tokens": 10, "messages": [
         {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}]}), 400, "invalid_request_error")
