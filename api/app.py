@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from mlxd.server.runtime import Runtime
 
 from .errors import BodySizeLimit, error_response, install_error_handlers
+from .anthropic import messages
 from .openai import chat, models, responses
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -22,6 +23,7 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     app.include_router(chat.router)
     app.include_router(models.router)
     app.include_router(responses.router)
+    app.include_router(messages.router)
 
     @app.get("/health")
     async def health(request: Request):

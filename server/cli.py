@@ -11,7 +11,7 @@ from pathlib import Path
 from mlxd import registry
 from mlxd.registry import starter
 
-from . import codex, doctor, opencode, registry_cli
+from . import claude, codex, doctor, opencode, registry_cli
 from .blas import describe, load_blas, setup_blas
 
 log = logging.getLogger("mlxd")
@@ -76,6 +76,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     local = {ref.name: ref.path for ref in preload if ref.local}
     starter_path, starter_listed = _starter(args)
+    try:
+        aliases = claude.parse_aliases(args.alias or [], {arg: ref.name for arg, ref in zip(args.model or [], preload)})
+    except ValueError as e:
+        print(f"mlxd: {e}", file=sys.stderr)
+        return 2
     log.info("%s", describe(setup_blas()))  # timed before the engine starts loading models beside it
     engine = Engine(
         max_loaded_models=args.max_loaded_models,
@@ -86,7 +91,8 @@ def _serve(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     engine.start()
-    runtime = Runtime(engine, local, pull_on_demand=args.pull, starter=starter_path, starter_listed=starter_listed)
+    runtime = Runtime(engine, local, pull_on_demand=args.pull, starter=starter_path, starter_listed=starter_listed,
+                      aliases=aliases)
     for ref in preload[: args.max_loaded_models]:
         engine.preload(ModelRef(ref.name, ref.path, ref.tool_format))
     if starter_listed:  # no --model: the starter is what this server serves
@@ -124,11 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     # starter
     serve.add_argument("--no-starter", action="store_true",
                        help=f"do not serve the starter model {registry.STARTER} when nothing is downloaded")
+    # model aliases (Claude Code's fixed model names)
+    serve.add_argument("--alias", action="append", metavar="NAME=MODEL",
+                       help="answer requests for NAME with MODEL (a --model value or a served name), "
+                            "e.g. claude-haiku-4-5=qwen2.5-coder:1.5b; repeatable")
     serve.set_defaults(func=_serve)
     registry_cli.add_parsers(sub)
     doctor.add_parser(sub)
     opencode.add_parser(sub)
     codex.add_parser(sub)
+    claude.add_parser(sub)
     return parser
 
 

@@ -22,8 +22,8 @@ from typing import Any, Optional
 from .errors import ContextLengthExceeded, EngineError, InternalError, InvalidPrompt, ModelLoadFailed, QueueFull
 from .events import Failure, Finish, ReasoningDelta, TokenLogprob, Usage
 from .models import LoadedModel, load_model
-from .output import OutputParser, forced_prefix, output_format_for
-from .prompt import build_prompt
+from .output import OutputParser, output_format_for
+from .prompt import offered_tools, request_prompt
 
 log = logging.getLogger("mlxd.engine")
 
@@ -78,6 +78,8 @@ class GenerationRequest:
     request_id: str = ""
     door: str = "chat"
     client: str = "other"
+    # The chat template's `enable_thinking` switch (Qwen3 and kin); None: its default.
+    thinking: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,12 @@ class Engine:
         handle = RequestHandle(request, loop)
         self._inbox.put(handle)
         return handle
+
+    def prompt_format(self, name: str):
+        """The (tokenizer, OutputFormat) of loaded model `name`, or None; any thread may
+        render prompts with them (rendering and encoding do not change the tokenizer)."""
+        lm = self._loaded.get(name)
+        return (lm.tokenizer, lm.output_format) if lm is not None and lm.output_format is not None else None
 
     def loaded_models(self) -> list[dict]:
         """Name, memory and idle time of each loaded model (a snapshot)."""
@@ -362,16 +370,15 @@ class Engine:
         lm = self._ensure_loaded(req.model)
         tokenizer = lm.tokenizer
         fmt = lm.output_format
-        tools = req.tools if req.tool_choice != "none" else None
-        prefix = forced_prefix(fmt, req.tool_choice, tools)
+        tools = offered_tools(req)
         try:
             # A trimmable cache is saved whole at the end and serves every prefix of
             # it, so only the system prompt is checkpointed, for requests that share
             # it while this one runs; other caches resume at message checkpoints.
-            prompt = build_prompt(tokenizer, req.messages, tools, suffix=prefix,
-                                  recent_checkpoints=not lm.cache_trimmable)
+            prompt = request_prompt(tokenizer, fmt, req, recent_checkpoints=not lm.cache_trimmable)
         except ValueError as e:
             raise InvalidPrompt(str(e)) from e
+        prefix = prompt.suffix
         n_prompt = len(prompt.tokens)
         if n_prompt >= lm.context_length:
             raise ContextLengthExceeded(lm.context_length, n_prompt)
@@ -538,7 +545,7 @@ class Engine:
         tail, final_reason = parser.finish(reason)
         events.extend(tail)
         active.handle._push(events)
-        self._finish(r.uid, active, Finish(final_reason, active.usage))
+        self._finish(r.uid, active, Finish(final_reason, active.usage, parser.stop_sequence))
         for tokens, cache in built:  # once the answer is out: saving copies the cache
             self._save_cache(tokens, cache)
 
