@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from fastapi import FastAPI, Request
 
+from mlxd.server.ledger import Ledger
 from mlxd.server.runtime import Runtime
 
 from .errors import BodySizeLimit, error_response, install_error_handlers
@@ -14,13 +16,22 @@ from .openai import chat, models
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
-def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, version: str = ""):
+def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, version: str = "",
+               ledger: Optional[Ledger] = None):
     app = FastAPI(title="mlxd", version=version, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     app.state.started = int(time.time())
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(models.router)
+    if ledger is not None:  # usage ledger: /v1/usage, /metrics, the dashboard at /
+        from . import dashboard, metrics, usage
+
+        app.state.ledger = ledger
+        app.state.metrics = metrics.UsageMetrics(runtime.engine, ledger)
+        app.include_router(usage.router)
+        app.include_router(metrics.router)
+        app.include_router(dashboard.router)
 
     @app.get("/health")
     async def health(request: Request):
@@ -30,6 +41,8 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
             "status": "ok",
             "loaded": [m["name"] for m in runtime.engine.loaded_models()],
             "memory": runtime.engine.memory(),
+            "models": runtime.engine.loaded_models(),
+            "requests": {"active": runtime.engine.batch_size, "queued": runtime.engine.queue_depth},
         }
 
     return BodySizeLimit(app, max_body_bytes)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlxd import registry
 
-from . import doctor, opencode, registry_cli
+from . import doctor, opencode, registry_cli, usage_cli
 from .blas import describe, load_blas, setup_blas
 
 log = logging.getLogger("mlxd")
@@ -47,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
     from mlxd.api.app import create_app
 
     from .engine import Engine, ModelRef
+    from .ledger import Ledger
     from .runtime import Runtime
 
     try:
@@ -56,6 +58,12 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     local = {ref.name: ref.path for ref in preload if ref.local}
     log.info("%s", describe(setup_blas()))  # timed before the engine starts loading models beside it
+    try:
+        ledger = Ledger(retention_days=args.usage_retention_days)
+    except (OSError, sqlite3.Error) as e:
+        print(f"mlxd: cannot open the usage ledger: {e} (MLXD_HOME chooses where it lives)", file=sys.stderr)
+        return 2
+    log.info("usage ledger: %s", ledger.path)
     engine = Engine(
         max_loaded_models=args.max_loaded_models,
         keep_alive=args.keep_alive,
@@ -63,17 +71,20 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         prompt_cache_bytes=int(args.prompt_cache_gb * (1 << 30)),
         trust_remote_code=args.trust_remote_code,
+        on_request_end=ledger.record,
     )
     engine.start()
     runtime = Runtime(engine, local, pull_on_demand=args.pull)
     for ref in preload[: args.max_loaded_models]:
         engine.preload(ModelRef(ref.name, ref.path, ref.tool_format))
-    app = create_app(runtime, version=version())
+    app = create_app(runtime, version=version(), ledger=ledger)
+    ledger.start()  # after /metrics read what the ledger held, so its counters miss no row
     log.info("mlxd %s serving on http://%s:%d/v1", version(), args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     finally:
         engine.stop()
+        ledger.close()  # after the engine: the last requests' rows are stored too
     return 0
 
 
@@ -98,10 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch before 429")
     serve.add_argument("--prompt-cache-gb", type=float, default=4.0, help="memory budget of the prefix cache")
     serve.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from models")
+    # usage ledger
+    serve.add_argument("--usage-retention-days", type=float, default=365,
+                       help="days the usage ledger keeps each request's row (default: 365)")
     serve.set_defaults(func=_serve)
     registry_cli.add_parsers(sub)
     doctor.add_parser(sub)
     opencode.add_parser(sub)
+    usage_cli.add_parser(sub)
     return parser
 
 

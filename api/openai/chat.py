@@ -23,6 +23,7 @@ from mlxd.server.events import (
     Usage,
 )
 
+from ..clients import client_of
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit
 from ..errors import error_body
 from .protocol import ChatCompletionRequest
@@ -33,7 +34,9 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     ref = await resolve_model(request, body.model)
-    handle, accepted = await submit(request, to_generation_request(body, ref))
+    generation = to_generation_request(body, ref)
+    generation.client = client_of(request)
+    handle, accepted = await submit(request, generation)
     if accepted is None:  # client left while queued
         return JSONResponse(error_body("client disconnected", 499), status_code=499)
     response = ChatResponse(body, accepted)
