@@ -6,6 +6,7 @@ from mlxd.server.blas import describe, setup_blas
 
 _BLAS = setup_blas()  # before any test imports mlx.core
 
+import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -17,6 +18,15 @@ from tests.server_process import ServerProcess  # noqa: E402
 
 def pytest_report_header(config):
     return describe(_BLAS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlxd_home(tmp_path_factory):
+    """Servers the tests start keep their own data (the usage ledger) in a temporary
+    MLXD_HOME, never in the user's; a test that counts rows gives its server its own."""
+    home = tmp_path_factory.mktemp("mlxd-home")
+    os.environ["MLXD_HOME"] = str(home)
+    return home
 
 
 @pytest.fixture(scope="session")
