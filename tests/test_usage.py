@@ -33,6 +33,7 @@ THINK_CALL = '<think>I should run it.</think>\n<tool_call>\n{"name": "bash", "ar
 BASH = {"type": "function", "function": {"name": "bash", "parameters": {
     "type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}}
 FILLER = "The quick brown fox jumps over the lazy dog. " * 230  # ~3,000 tokens: six prefill chunks
+MODELS = ("greeter", "random-qwen2", "usage-thinker", "usage-long")
 COUNTS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens", "computed_prompt_tokens")
 
 
@@ -289,7 +290,14 @@ def test_cli_json_equals_the_endpoint_and_prints_a_table(server, home):
     assert f"{totals['completion_tokens']:,}" in table.splitlines()[-1]
 
 
+def touch_every_model(server) -> None:
+    """A short request to each model: all loaded, each with a row, whatever ran before."""
+    for name in MODELS:
+        row_of(server, server.client().chat.completions.create(model=name, messages=HELLO, max_tokens=2).id)
+
+
 def test_metrics_parse_and_equal_the_ledger(server):
+    touch_every_model(server)
     metrics = assert_metrics_equal_ledger(server)
     data = rows(server)
     ttft = {s.name: s.value for s in metrics["mlxd_time_to_first_token_seconds"]}
@@ -300,7 +308,7 @@ def test_metrics_parse_and_equal_the_ledger(server):
     assert gauges["mlxd_mlx_peak_memory_bytes"] >= gauges["mlxd_mlx_active_memory_bytes"] > 0
     assert gauges["mlxd_prefix_cache_bytes"] > 0
     memory = {s.labels["model"]: s.value for s in metrics["mlxd_model_memory_bytes"]}
-    assert set(memory) == {"greeter", "random-qwen2", "usage-thinker", "usage-long"} and min(memory.values()) > 0
+    assert set(memory) == set(MODELS) and min(memory.values()) > 0
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -319,11 +327,12 @@ def chromium(tmp_path: Path, *args: str) -> str:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
 def test_dashboard_renders_models_and_ledger_totals_in_headless_chromium(server, tmp_path):
+    touch_every_model(server)
     totals = server.get("/v1/usage").json()["totals"]
     dom = chromium(tmp_path, "--dump-dom", server.base_url + "/")
     assert 'id="status" class="status ok">ok<' in dom
     models_table = dom.split('id="models"')[1].split("</tbody>")[0]
-    for name in ("greeter", "random-qwen2", "usage-thinker", "usage-long"):
+    for name in MODELS:
         assert f"<td>{name}</td>" in models_table
     for key, cell in (("requests", "requests"), ("prompt_tokens", "prompt"), ("cached_tokens", "cached"),
                       ("completion_tokens", "completion"), ("computed_prompt_tokens", "computed")):

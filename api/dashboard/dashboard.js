@@ -7,7 +7,8 @@ const SVG = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
 const int = (n) => String(n).replace(/\B(?=(\d{3})+(?!\d))/g, ",");
-const bytes = (n) => n >= 1e9 ? (n / 1e9).toFixed(2) + " GB" : n >= 1e6 ? (n / 1e6).toFixed(1) + " MB" : int(n) + " B";
+const bytes = (n) => n >= 1e9 ? (n / 1e9).toFixed(2) + " GB" : n >= 1e6 ? (n / 1e6).toFixed(1) + " MB"
+  : n >= 1e3 ? (n / 1e3).toFixed(0) + " kB" : int(n) + " B";
 const seconds = (s) => s >= 3600 ? (s / 3600).toFixed(1) + " h" : s >= 60 ? (s / 60).toFixed(1) + " min" : s.toFixed(0) + " s";
 const fixed = (x, d) => x === null || x === undefined ? "-" : x.toFixed(d);
 
@@ -33,7 +34,7 @@ function cells(row, values) {
 function niceMax(x) {
   if (x <= 0) return 1;
   const p = Math.pow(10, Math.floor(Math.log10(x)));
-  return [1, 2, 5, 10].map((m) => m * p).find((m) => m >= x);
+  return [1, 1.5, 2, 3, 4, 5, 6, 8, 10].map((m) => m * p).find((m) => m >= x);
 }
 
 // Stacked bars: one bar per label, one stack per series.
@@ -64,33 +65,31 @@ function barChart(target, labels, series) {
   target.replaceChildren(svg, legend(series.map((s) => s.name)));
 }
 
-// One line over hourly points; gaps where an hour had no value.
-function lineChart(target, points, digits) {
+// Each request as a dot at the time it arrived; the axis spans the requests shown.
+function scatterChart(target, points, digits, empty) {
   const W = 440, H = 180, L = 44, B = 24, T = 8;
   const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img" });
-  const values = points.map((p) => p.value).filter((v) => v !== null);
-  const top = niceMax(Math.max(0, ...values));
+  const top = niceMax(Math.max(0, ...points.map((p) => p.value)));
   for (let k = 0; k <= 2; k++) {
     const y = T + (H - T - B) * (1 - k / 2);
     svg.appendChild(el("line", { x1: L, x2: W, y1: y, y2: y, stroke: "#e2e5eb" }));
     svg.appendChild(el("text", { x: L - 6, y: y + 4, "text-anchor": "end" }, (top * k / 2).toFixed(digits)));
   }
-  const x = (i) => L + (W - L - 8) * (points.length > 1 ? i / (points.length - 1) : 0.5);
-  const y = (v) => T + (H - T - B) * (1 - v / top);
-  let path = "", pen = false;
-  points.forEach((p, i) => {
-    if (p.value === null) { pen = false; return; }
-    path += (pen ? "L" : "M") + x(i).toFixed(1) + " " + y(p.value).toFixed(1) + " ";
-    pen = true;
-    const dot = el("circle", { cx: x(i), cy: y(p.value), r: 3, fill: COLORS[0] });
+  if (!points.length) {
+    svg.appendChild(el("text", { x: (W + L) / 2, y: H / 2, "text-anchor": "middle" }, empty));
+    target.replaceChildren(svg);
+    return;
+  }
+  const t0 = Math.min(...points.map((p) => p.t)), t1 = Math.max(...points.map((p) => p.t));
+  const x = (t) => L + 6 + (W - L - 12) * (t1 > t0 ? (t - t0) / (t1 - t0) : 0.5);
+  for (const p of points) {
+    const dot = el("circle", { cx: x(p.t), cy: T + (H - T - B) * (1 - p.value / top), r: 3, fill: COLORS[0], "fill-opacity": 0.6 });
     dot.appendChild(el("title", {}, `${p.label}: ${p.value.toFixed(digits)}`));
     svg.appendChild(dot);
-  });
-  if (path) svg.appendChild(el("path", { d: path, fill: "none", stroke: COLORS[0], "stroke-width": 2 }));
-  [0, points.length - 1].forEach((i) => {
-    if (points[i]) svg.appendChild(el("text", { x: x(i), y: H - 6, "text-anchor": i ? "end" : "start" }, points[i].label.slice(11) + " UTC"));
-  });
-  if (!values.length) svg.appendChild(el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no requests in the last 24 h"));
+  }
+  const clock = (t) => new Date(t).toISOString().slice(11, 19) + " UTC";
+  svg.appendChild(el("text", { x: L, y: H - 6, "text-anchor": "start" }, clock(t0)));
+  if (t1 > t0) svg.appendChild(el("text", { x: W, y: H - 6, "text-anchor": "end" }, clock(t1)));
   target.replaceChildren(svg);
 }
 
@@ -145,13 +144,11 @@ function showDaily(summary, now) {
   barChart($("tokens-chart"), days, series);
 }
 
-function showHourly(summary, now) {
-  const hours = [];
-  for (let i = 23; i >= 0; i--) hours.push(new Date(now - i * 3600000).toISOString().slice(0, 13) + ":00");
-  const byHour = Object.fromEntries(summary.groups.map((g) => [g.key.hour, g]));
-  const at = (field) => hours.map((h) => ({ label: h, value: byHour[h] ? byHour[h][field] : null }));
-  lineChart($("ttft-chart"), at("ttft_p50_s"), 2);
-  lineChart($("tps-chart"), at("decode_tps_p50"), 1);
+function showTimings(rows) {
+  const points = (field) => rows.filter((r) => r[field] !== null)
+    .map((r) => ({ t: r.ts * 1000, value: r[field], label: r.model + " " + r.time.slice(11, 19) }));
+  scatterChart($("ttft-chart"), points("ttft_s"), 2, "no requests yet");
+  scatterChart($("tps-chart"), points("decode_tps"), 1, "no requests yet");
 }
 
 function showRequests(rows) {
@@ -170,18 +167,17 @@ async function refresh() {
   const now = Date.now();
   try {
     const since14 = isoDay(new Date(now - 13 * 86400000));
-    const [health, all, daily, hourly, recent] = await Promise.all([
+    const [health, all, daily, recent] = await Promise.all([
       getJSON("/health"),
       getJSON("/v1/usage"),
       getJSON("/v1/usage?group_by=day,model&since=" + since14),
-      getJSON("/v1/usage?group_by=hour&since=24h"),
-      getJSON("/v1/usage/requests?limit=20"),
+      getJSON("/v1/usage/requests?limit=200"),
     ]);
     showHealth(health);
     showTotals(all.totals);
     showDaily(daily, now);
-    showHourly(hourly, now);
-    showRequests(recent.data);
+    showTimings(recent.data);
+    showRequests(recent.data.slice(0, 20));
     $("updated").textContent = "updated " + new Date(now).toISOString().slice(11, 19) + " UTC";
   } catch (e) {
     $("status").textContent = "unreachable: " + e.message;
