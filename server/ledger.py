@@ -111,18 +111,26 @@ def schema_version(conn: sqlite3.Connection) -> int:
 
 
 def migrate(conn: sqlite3.Connection) -> None:
-    with conn:  # one transaction: a half-migrated file never stays behind
-        version = schema_version(conn)
+    """Bring the file to SCHEMA_VERSION in one write transaction, so that two processes
+    opening a new file at once migrate it once and a half-migrated file never stays behind."""
+    version = schema_version(conn)
+    if version >= SCHEMA_VERSION:
         if version > SCHEMA_VERSION:
             log.warning("usage.db has schema version %d, newer than this mlxd's %d", version, SCHEMA_VERSION)
-            return
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = schema_version(conn)  # again, under the write lock
         for n in range(version, SCHEMA_VERSION):
             for statement in filter(str.strip, MIGRATIONS[n].split(";")):
                 conn.execute(statement)
             log.info("usage ledger: migrated schema %d -> %d", n, n + 1)
-        if version < SCHEMA_VERSION:
-            conn.execute("DELETE FROM schema_version")
-            conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        conn.execute("DELETE FROM schema_version")
+        conn.execute("INSERT INTO schema_version VALUES (?)", (max(version, SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def prune(conn: sqlite3.Connection, retention_days: float, now: Optional[float] = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 import threading
 from datetime import datetime, timezone
@@ -91,6 +92,26 @@ def test_an_older_schema_migrates_and_its_rows_read_zero_in_new_columns(tmp_path
     old_row = next(r for r in rows if r["request_id"] == "old")
     assert (old_row["reasoning_tokens"], old_row["computed_prompt_tokens"], old_row["ttft_s"]) == (0, 0, None)
     assert read(path)["totals"]["prompt_tokens"] == 19
+
+
+def _open_after(barrier, path) -> None:
+    barrier.wait()
+    ledger.connect(path).close()
+
+
+def test_processes_opening_a_new_file_at_once_all_succeed(tmp_path):
+    path = tmp_path / "usage.db"
+    fork = multiprocessing.get_context("fork")
+    barrier = fork.Barrier(8)
+    procs = [fork.Process(target=_open_after, args=(barrier, path)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 8
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(ledger.SCHEMA_VERSION,)]
+    conn.close()
 
 
 def test_retention_prunes_old_rows(tmp_path):
