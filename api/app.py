@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from mlxd.server.ledger import Ledger
 from mlxd.server.runtime import Runtime
 
+from . import dashboard, metrics, usage
 from .errors import BodySizeLimit, error_response, install_error_handlers
 from .openai import chat, models
 
@@ -25,8 +26,6 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     app.include_router(chat.router)
     app.include_router(models.router)
     if ledger is not None:  # usage ledger: /v1/usage, /metrics, the dashboard at /
-        from . import dashboard, metrics, usage
-
         app.state.ledger = ledger
         app.state.metrics = metrics.UsageMetrics(runtime.engine, ledger)
         app.include_router(usage.router)
@@ -37,11 +36,12 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     async def health(request: Request):
         if not runtime.engine.healthy:
             return error_response("the generation thread has stopped", 503, code="engine_down")
+        loaded = runtime.engine.loaded_models()
         return {
             "status": "ok",
-            "loaded": [m["name"] for m in runtime.engine.loaded_models()],
+            "loaded": [m["name"] for m in loaded],
             "memory": runtime.engine.memory(),
-            "models": runtime.engine.loaded_models(),
+            "models": loaded,
             "requests": {"active": runtime.engine.batch_size, "queued": runtime.engine.queue_depth},
         }
 

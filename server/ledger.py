@@ -145,12 +145,7 @@ def prune(conn: sqlite3.Connection, retention_days: float, now: Optional[float] 
 class Ledger:
     """Takes records from any thread; one writer thread stores them."""
 
-    def __init__(
-        self,
-        path: Optional[Path] = None,
-        *,
-        retention_days: float = DEFAULT_RETENTION_DAYS,
-    ):
+    def __init__(self, path: Optional[Path] = None, *, retention_days: float = DEFAULT_RETENTION_DAYS):
         self.path = Path(path) if path is not None else default_path()
         self.retention_days = retention_days
         # Called on the writer thread with each batch once it is committed (/metrics' counters).
@@ -179,7 +174,10 @@ class Ledger:
         try:
             while True:
                 if time.time() >= next_prune:
-                    prune(conn, self.retention_days)
+                    try:
+                        prune(conn, self.retention_days)
+                    except sqlite3.Error:
+                        log.exception("usage ledger: could not prune old rows; trying again tomorrow")
                     next_prune = time.time() + PRUNE_EVERY_S
                 try:
                     first = self._queue.get(timeout=60)
