@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from fastapi import FastAPI, Request
 
+from mlxd.server.ledger import Ledger
 from mlxd.server.runtime import Runtime
 
+from . import dashboard, metrics, usage
 from .errors import BodySizeLimit, error_response, install_error_handlers
 from .anthropic import messages
 from .openai import chat, models, responses
@@ -15,7 +18,8 @@ from .openai import chat, models, responses
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
-def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, version: str = ""):
+def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, version: str = "",
+               ledger: Optional[Ledger] = None):
     app = FastAPI(title="mlxd", version=version, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     app.state.started = int(time.time())
@@ -24,15 +28,24 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     app.include_router(models.router)
     app.include_router(responses.router)
     app.include_router(messages.router)
+    if ledger is not None:  # usage ledger: /v1/usage, /metrics, the dashboard at /
+        app.state.ledger = ledger
+        app.state.metrics = metrics.UsageMetrics(runtime.engine, ledger)
+        app.include_router(usage.router)
+        app.include_router(metrics.router)
+        app.include_router(dashboard.router)
 
     @app.get("/health")
     async def health(request: Request):
         if not runtime.engine.healthy:
             return error_response("the generation thread has stopped", 503, code="engine_down")
+        loaded = runtime.engine.loaded_models()
         return {
             "status": "ok",
-            "loaded": [m["name"] for m in runtime.engine.loaded_models()],
+            "loaded": [m["name"] for m in loaded],
             "memory": runtime.engine.memory(),
+            "models": loaded,
+            "requests": {"active": runtime.engine.batch_size, "queued": runtime.engine.queue_depth},
         }
 
     return BodySizeLimit(app, max_body_bytes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from mlxd import registry
 from mlxd.registry import starter
 
-from . import claude, codex, doctor, opencode, registry_cli
+from . import claude, codex, doctor, opencode, registry_cli, usage_cli
 from .blas import describe, load_blas, setup_blas
 
 log = logging.getLogger("mlxd")
@@ -67,6 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
     from mlxd.api.app import create_app
 
     from .engine import Engine, ModelRef
+    from .ledger import Ledger
     from .runtime import Runtime
 
     try:
@@ -82,6 +84,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"mlxd: {e}", file=sys.stderr)
         return 2
     log.info("%s", describe(setup_blas()))  # timed before the engine starts loading models beside it
+    try:
+        ledger = Ledger(retention_days=args.usage_retention_days)
+    except (OSError, sqlite3.Error) as e:
+        print(f"mlxd: cannot open the usage ledger: {e} (MLXD_HOME chooses where it lives)", file=sys.stderr)
+        return 2
+    log.info("usage ledger: %s", ledger.path)
     engine = Engine(
         max_loaded_models=args.max_loaded_models,
         keep_alive=args.keep_alive,
@@ -89,6 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         prompt_cache_bytes=int(args.prompt_cache_gb * (1 << 30)),
         trust_remote_code=args.trust_remote_code,
+        on_request_end=ledger.record,
     )
     engine.start()
     runtime = Runtime(engine, local, pull_on_demand=args.pull, starter=starter_path, starter_listed=starter_listed,
@@ -97,12 +106,14 @@ def _serve(args: argparse.Namespace) -> int:
         engine.preload(ModelRef(ref.name, ref.path, ref.tool_format))
     if starter_listed:  # no --model: the starter is what this server serves
         engine.preload(ModelRef(registry.STARTER, starter_path))
-    app = create_app(runtime, version=version())
+    app = create_app(runtime, version=version(), ledger=ledger)
+    ledger.start()  # after /metrics read what the ledger held, so its counters miss no row
     log.info("mlxd %s serving on http://%s:%d/v1", version(), args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     finally:
         engine.stop()
+        ledger.close()  # after the engine: the last requests' rows are stored too
     return 0
 
 
@@ -134,12 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--alias", action="append", metavar="NAME=MODEL",
                        help="answer requests for NAME with MODEL (a --model value or a served name), "
                             "e.g. claude-haiku-4-5=qwen2.5-coder:1.5b; repeatable")
+    # usage ledger
+    serve.add_argument("--usage-retention-days", type=float, default=365,
+                       help="days the usage ledger keeps each request's row (default: 365)")
     serve.set_defaults(func=_serve)
     registry_cli.add_parsers(sub)
     doctor.add_parser(sub)
     opencode.add_parser(sub)
     codex.add_parser(sub)
     claude.add_parser(sub)
+    usage_cli.add_parser(sub)
     return parser
 
 

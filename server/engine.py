@@ -17,10 +17,11 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .errors import ContextLengthExceeded, EngineError, InternalError, InvalidPrompt, ModelLoadFailed, QueueFull
 from .events import Failure, Finish, ReasoningDelta, TokenLogprob, Usage
+from .ledger import RequestRecord
 from .models import LoadedModel, load_model
 from .output import OutputParser, output_format_for
 from .prompt import offered_tools, request_prompt
@@ -102,6 +103,8 @@ class RequestHandle:
         self.accepted: asyncio.Future = loop.create_future()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
+        self.submitted_at = time.perf_counter()  # for the usage ledger's queue time and TTFT
+        self.submitted_wall = time.time()
 
     def cancel(self) -> None:
         """Called from asyncio when the client goes away; the engine drops it at the next step."""
@@ -158,6 +161,7 @@ class Engine:
         prompt_cache_bytes: int = 4 << 30,
         prompt_cache_entries: int = 16,
         trust_remote_code: bool = False,
+        on_request_end: Optional[Callable[[RequestRecord], None]] = None,
     ):
         self.max_loaded_models = max(1, max_loaded_models)
         self.keep_alive = keep_alive
@@ -167,6 +171,9 @@ class Engine:
         self.prompt_cache_bytes = prompt_cache_bytes
         self.prompt_cache_entries = prompt_cache_entries
         self.trust_remote_code = trust_remote_code
+        # Called on the engine thread with one record per request, however it ends;
+        # it must only hand the record on (the usage ledger queues it for its writer).
+        self.on_request_end = on_request_end
 
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[RequestHandle] = deque()
@@ -213,6 +220,15 @@ class Engine:
         render prompts with them (rendering and encoding do not change the tokenizer)."""
         lm = self._loaded.get(name)
         return (lm.tokenizer, lm.output_format) if lm is not None and lm.output_format is not None else None
+    @property
+    def queue_depth(self) -> int:
+        """Requests submitted and not yet decoding (waiting or having their prompt built)."""
+        return max(0, self._in_flight - len(self._active))
+
+    @property
+    def batch_size(self) -> int:
+        """Requests in the batch now (prefilling or decoding)."""
+        return len(self._active)
 
     def loaded_models(self) -> list[dict]:
         """Name, memory and idle time of each loaded model (a snapshot)."""
@@ -256,6 +272,8 @@ class Engine:
                 self._step_safely()
             else:
                 self._unload_idle()
+        for active in list(self._active.values()):  # the server is stopping under them
+            self._release(active.handle, None, outcome="cancelled", reason="shutdown", active=active)
         self._active.clear()
         self._close_batch()
 
@@ -281,7 +299,7 @@ class Engine:
         """Admit waiting requests in order; a request for another model waits for the batch to drain."""
         for handle in [h for h in self._waiting if h.cancelled]:  # their places go to new requests
             self._waiting.remove(handle)
-            self._release(handle, None)
+            self._release(handle, None, outcome="cancelled", reason="queued")
             log.info("request cancelled by the client while queued")
         while self._waiting and len(self._active) < self.max_batch_size:
             handle = self._waiting[0]
@@ -292,16 +310,23 @@ class Engine:
             try:
                 self._admit(handle)
             except EngineError as e:
-                self._release(handle, e)
+                self._release(handle, e, outcome="rejected", reason=e.code)
             except Exception as e:  # a bug must not kill the engine
                 log.exception("could not start request")
-                self._release(handle, InternalError(f"could not start the request: {e}"))
+                self._release(handle, InternalError(f"could not start the request: {e}"), outcome="failed",
+                              reason=InternalError.code)
 
-    def _release(self, handle: RequestHandle, error: Optional[Exception]) -> None:
+    def _release(self, handle: RequestHandle, error: Optional[Exception], *, outcome: str, reason: str,
+                 active: Optional[_Active] = None) -> None:
         with self._count_lock:
             self._in_flight -= 1
         if error is not None:
             handle._reject(error)
+        if self.on_request_end is not None:
+            try:
+                self.on_request_end(_ledger_record(handle, active, outcome, reason, error))
+            except Exception:
+                log.exception("could not hand the request's record to the usage ledger")
 
     def _ensure_loaded(self, ref: ModelRef) -> LoadedModel:
         lm = self._loaded.get(ref.name)
@@ -463,7 +488,8 @@ class Engine:
         built = self._remove_from_batch(gone)
         for uid in gone:
             active = self._active.pop(uid)
-            self._release(active.handle, None)
+            phase = "decode" if active.first_token_at is not None else "prefill"
+            self._release(active.handle, None, outcome="cancelled", reason=phase, active=active)
             log.info(
                 "request cancelled by the client after %d tokens (%d of %d prompt tokens read)",
                 active.usage.completion_tokens,
@@ -552,7 +578,10 @@ class Engine:
     def _finish(self, uid: int, active: _Active, last: Any) -> None:
         self._active.pop(uid, None)
         active.handle._push([last])
-        self._release(active.handle, None)
+        if isinstance(last, Finish):
+            self._release(active.handle, None, outcome="finished", reason=last.reason, active=active)
+        else:
+            self._release(active.handle, None, outcome="failed", reason="generation_failed", active=active)
         _log_request(active, last)
 
     def _logprob_event(self, r, active: _Active) -> TokenLogprob:
@@ -647,3 +676,41 @@ def _log_request(active: _Active, last: Any) -> None:
         ttft,
         tps,
     )
+
+
+def _ledger_record(
+    handle: RequestHandle, active: Optional[_Active], outcome: str, reason: str, error: Optional[Exception]
+) -> RequestRecord:
+    """The usage ledger's row for a request that ends now: the engine's own counters
+    (for a request that never started: none, or the prompt length it was rejected for)."""
+    req = handle.request
+    now = time.perf_counter()
+    record = RequestRecord(
+        ts=handle.submitted_wall,
+        request_id=req.request_id,
+        door=req.door,
+        model=req.model.name,
+        client=req.client,
+        outcome=outcome,
+        finish_reason=reason,
+        prompt_tokens=getattr(error, "prompt_tokens", 0),
+        duration_s=now - handle.submitted_at,
+        queue_s=now - handle.submitted_at,
+    )
+    if active is None:
+        return record
+    usage = active.usage
+    record.prompt_tokens = usage.prompt_tokens
+    record.cached_tokens = usage.cached_tokens
+    record.completion_tokens = usage.completion_tokens
+    record.reasoning_tokens = usage.reasoning_tokens
+    # Once a token is sampled the whole prompt was read; before that, as far as prefill got.
+    read = usage.prompt_tokens if active.first_token_at is not None else active.prompt_read
+    record.computed_prompt_tokens = read - usage.cached_tokens
+    record.queue_s = active.started_at - handle.submitted_at
+    if active.first_token_at is not None:
+        record.ttft_s = active.first_token_at - handle.submitted_at
+        decode_s = now - active.first_token_at
+        if usage.completion_tokens > 1 and decode_s > 0:
+            record.decode_tps = (usage.completion_tokens - 1) / decode_s
+    return record

@@ -45,6 +45,7 @@ class ContextLengthExceeded(EngineError):
             f"This model's maximum context length is {context_length} tokens, "
             f"but the prompt has {prompt_tokens} tokens. Please reduce the length of the messages."
         )
+        self.prompt_tokens = prompt_tokens
 
 
 class InternalError(EngineError):

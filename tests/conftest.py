@@ -22,6 +22,15 @@ def pytest_report_header(config):
     return describe(_BLAS)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlxd_home(tmp_path_factory) -> Path:
+    """Tests and the servers they start keep mlxd's data (usage ledger, starter, caches) in a
+    temporary MLXD_HOME, never in the user's; a test that counts rows gives its server its own."""
+    home = tmp_path_factory.mktemp("mlxd-home")
+    os.environ["MLXD_HOME"] = str(home)
+    return home
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
@@ -46,14 +55,6 @@ def core_server(tmp_path_factory, random_model, greeting_model):
     ).start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def mlxd_home(tmp_path_factory) -> Path:
-    """Tests and the servers they start keep mlxd's state (starter, caches) out of the user's home."""
-    home = tmp_path_factory.mktemp("mlxd-home")
-    os.environ["MLXD_HOME"] = str(home)
-    return home
 
 
 @pytest.fixture(scope="session")
