@@ -26,6 +26,7 @@ from mlxd.server.engine import Accepted, GenerationRequest, ModelRef, RequestHan
 from mlxd.server.errors import ContextLengthExceeded, QueueFull
 from mlxd.server.events import ContentDelta, Failure, Finish, ReasoningDelta, ToolCallArguments, ToolCallStart, Usage
 
+from ..clients import client_of
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit
 from ..errors import error_body, error_response
 from .protocol import CountTokensRequest, Message, MessagesRequest, TextBlock
@@ -47,6 +48,7 @@ async def create_message(body: MessagesRequest, request: Request):
     generation = replace(
         to_generation_request(body, ref),
         request_id=message_id,
+        client=client_of(request),
         max_tokens=body.max_tokens,
         stop=body.stop_sequences or [],
         sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k),

@@ -33,6 +33,7 @@ from mlxd.server.events import (
     Usage,
 )
 
+from ..clients import client_of
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit
 from ..errors import error_body, error_response
 from .responses_input import CALL_ID_PREFIX, InputError, Translated, translate
@@ -277,6 +278,7 @@ async def create_response(body: ResponsesRequest, request: Request):
     except InputError as e:
         return error_response(str(e), 400, param=e.param, code="invalid_value")
     builder = ResponseBuilder(body, response_id, ref.name, translated.namespaced)
+    translated.generation.client = client_of(request)
     try:
         handle, accepted = await submit(request, translated.generation)
     except ContextLengthExceeded as e:
