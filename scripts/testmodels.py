@@ -832,6 +832,37 @@ def build_scripted_model(
     return ScriptedModel(out_dir, ids[0], ids[1] if after_tool_result is not None else None)
 
 
+def add_identity_layers(model_dir, count: int) -> Path:
+    """Append ``count`` layers that pass the residual stream through unchanged
+    (their output projections are zero), so that a one-layer scripted model
+    splits into a pipeline of layers over several ranks with the same output."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    weights = dict(mx.load(str(model_dir / "model.safetensors")))
+    hidden, n = config["hidden_size"], config["num_hidden_layers"]
+    head_dim = hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    inter = config["intermediate_size"]
+    dtype = getattr(mx, config["torch_dtype"])
+    for i in range(n, n + count):
+        p = f"model.layers.{i}."
+        shapes = {
+            "self_attn.q_proj.weight": (q, hidden), "self_attn.q_proj.bias": (q,),
+            "self_attn.k_proj.weight": (kv, hidden), "self_attn.k_proj.bias": (kv,),
+            "self_attn.v_proj.weight": (kv, hidden), "self_attn.v_proj.bias": (kv,),
+            "self_attn.o_proj.weight": (hidden, q),
+            "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+            "mlp.down_proj.weight": (hidden, inter),
+        }  # fmt: skip
+        weights |= {p + k: mx.zeros(shape, dtype=dtype) for k, shape in shapes.items()}
+        weights[p + "input_layernorm.weight"] = mx.ones((hidden,), dtype=dtype)
+        weights[p + "post_attention_layernorm.weight"] = mx.ones((hidden,), dtype=dtype)
+    mx.save_safetensors(str(model_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config["num_hidden_layers"] = config["max_window_layers"] = n + count
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return model_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.testmodels", description=__doc__.split("\n\n")[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 from mlxd import registry
 from mlxd.registry import starter
 
-from . import claude, codex, doctor, opencode, registry_cli, usage_cli
+from . import claude, codex, doctor, launch, opencode, registry_cli, usage_cli
 from .blas import describe, load_blas, setup_blas
 
 log = logging.getLogger("mlxd")
@@ -148,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     # usage ledger
     serve.add_argument("--usage-retention-days", type=float, default=365,
                        help="days the usage ledger keeps each request's row (default: 365)")
+    # distributed (several machines; see server/distributed.py)
+    serve.add_argument("--distributed", action="store_true",
+                       help="serve the --model as one rank of an mlx.launch group (mlxd launch adds this)")
+    serve.add_argument("--shard", choices=["tensor", "pipeline"],
+                       help="how the model splits over the ranks (default: tensor parallel where the model "
+                            "has it, else a pipeline of layers)")
+    serve.add_argument("--distributed-timeout", type=float, default=60.0,
+                       help="seconds without an answer from a rank before the group counts as broken: "
+                            "requests get 503 and the process exits 1 (default: 60)")
     serve.set_defaults(func=_serve)
     registry_cli.add_parsers(sub)
     doctor.add_parser(sub)
@@ -155,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     codex.add_parser(sub)
     claude.add_parser(sub)
     usage_cli.add_parser(sub)
+    launch.add_parser(sub)
     return parser
 
 

@@ -135,13 +135,33 @@ def format_table(data: dict[str, Any]) -> str:
         ("models", f"{len(data['models'])} MLX model(s) in the cache"),
         *(("", f"{m['repo_id']}  {human_bytes(m['size_bytes'])}") for m in data["models"]),
         ("hub", hub_line),
+        *_group_rows(data.get("distributed")),
     ]
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 
 
+def _group_rows(group: Optional[dict]) -> list[tuple[str, str]]:
+    """The distributed group, when doctor runs under mlx.launch (`mlxd launch -- doctor`)."""
+    if group is None:
+        return []
+    if "error" in group:
+        return [("group", group["error"])]
+    rows = [("group", f"{group['size']} ranks over {group['backend']}")]
+    for r in group["ranks"]:
+        rows.append(("", f"rank {r['rank']}  {r['host']}  {human_bytes(r['available_bytes'])} free of "
+                         f"{human_bytes(r['memory_bytes'])}"))
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
+    from .distributed import doctor_group
+
     data = collect()
+    # distributed: every rank gathers the group's memory; rank 0 alone reports it
+    data["distributed"] = doctor_group()
+    if (data["distributed"] or {}).get("rank", 0) != 0:
+        return 0
     print(json.dumps(data, indent=2) if args.json else format_table(data))
     return 0
 

@@ -1,0 +1,229 @@
+"""The engine's MLX work on its batch and prefix cache, as a few plain-data operations.
+
+`Steps` is the one place where the engine touches mlx-lm's `BatchGenerator` and
+the LRU prefix cache: open a batch for a model, admit a prompt, step, remove,
+extract and save caches. Every argument is plain data (token lists, numbers), so
+in a distributed group rank 0's `Steps` records each operation and sends the list
+to the other ranks before each batch step (`Link`, in `distributed.py`); their
+`Steps` replay it. Every rank then runs the same MLX calls in the same order, so
+the model's collectives pair up, and holds the same batch and prefix cache. On
+one machine nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from typing import Any, Optional
+
+log = logging.getLogger("mlxd.engine")
+
+
+class Diverged(RuntimeError):
+    """A follower's replay did not give what rank 0 got: its state is not rank 0's."""
+
+
+class Steps:
+    """The batch and prefix cache of the engine thread (engine-thread only)."""
+
+    def __init__(self, *, stream, max_batch_size: int, prefill_step_size: int, prompt_cache_bytes: int,
+                 prompt_cache_entries: int, link=None):
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self.stream = stream
+        self.max_batch_size = max_batch_size
+        self.prefill_step_size = prefill_step_size
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self.prompt_cache_entries = prompt_cache_entries
+        self.prompt_cache = LRUPromptCache(max_size=prompt_cache_entries, max_bytes=prompt_cache_bytes)
+        self.link = link  # rank 0 of a group: where the operations go
+        self.batch = None
+        self.model_name: Optional[str] = None
+        self._pending: list[tuple] = []
+        # Caches taken out of the batch (removed, extracted, finished) until saved or the next step.
+        self._held: dict[int, tuple[list, list[int]]] = {}
+
+    @contextlib.contextmanager
+    def _collective(self):
+        """MLX work that may wait on other ranks: in a group, its failure is the group's."""
+        try:
+            yield
+        except Exception as e:
+            if self.link is not None:
+                self.link.lost(e)
+            raise
+
+    def _record(self, op: str, *args) -> None:
+        if self.link is not None:
+            self._pending.append((op, *args))
+
+    # Operations -------------------------------------------------------
+    def open(self, name: str, model, seed: Optional[int] = None) -> None:
+        """A fresh batch for `model`. In a group rank 0 draws the seed that every rank
+        starts sampling from, so sampled tokens are the same on every rank."""
+        import mlx.core as mx
+        from mlx_lm.generate import BatchGenerator
+
+        self.close()
+        if self.link is not None and seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        if seed is not None:
+            mx.random.seed(seed)
+        self._record("open", name, None, seed)
+        self.model_name = name
+        self.batch = BatchGenerator(
+            model,
+            completion_batch_size=self.max_batch_size,
+            prefill_batch_size=self.max_batch_size,
+            prefill_step_size=self.prefill_step_size,
+            stream=self.stream,
+        )
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self._record("close")
+            batch, self.batch, self.model_name = self.batch, None, None
+            self._held.clear()
+            batch.close()
+
+    def clear(self) -> None:
+        """Drop every saved prefix (a model is unloaded, or the engine starts over)."""
+        self._record("clear")
+        self.prompt_cache.trim_to(n_sequences=0)
+
+    def admit(self, tokens: list[int], checkpoints: dict[int, str], max_tokens: int, sampling: dict,
+              stop: list[tuple[int, ...]], expect: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        """Insert a prompt into the batch, resuming from its longest cached prefix.
+
+        `sampling` holds temperature, top_p, min_p, top_k and optionally seed,
+        logit_bias, repetition_penalty, presence_penalty and frequency_penalty;
+        `stop` the end-token sequences. Returns (uid, cached prompt tokens)."""
+        import mlx.core as mx
+        from mlx_lm.generate import StopSequences
+        from mlx_lm.sample_utils import make_logits_processors
+
+        cache, rest = _fetch_cache(self.prompt_cache, self.model_name, tokens)
+        n_cached = len(tokens) - len(rest)
+        cuts = {n: kind for n, kind in checkpoints.items() if n > n_cached}
+        if sampling.get("seed") is not None:
+            mx.random.seed(sampling["seed"] & 0xFFFF_FFFF_FFFF_FFFF)  # int64 in, MLX takes uint64
+        sampler = _sampler(sampling["temperature"], sampling["top_p"], sampling["min_p"], sampling["top_k"])
+        processors = make_logits_processors(
+            sampling.get("logit_bias"),
+            sampling.get("repetition_penalty"),
+            presence_penalty=sampling.get("presence_penalty"),
+            frequency_penalty=sampling.get("frequency_penalty"),
+        )
+        (uid,) = self.batch.insert_segments(
+            segments=[_segments(tokens, n_cached, cuts)],
+            max_tokens=[max_tokens],
+            caches=[cache],
+            all_tokens=[tokens[:n_cached]],
+            samplers=[sampler],
+            logits_processors=[processors],
+            stop_sequences=[StopSequences([tuple(s) for s in stop])],
+        )
+        if expect is not None and expect != (uid, n_cached):
+            raise Diverged(f"admitted as (uid, cached tokens) {(uid, n_cached)}, rank 0 got {expect}")
+        self._record("admit", tokens, checkpoints, max_tokens, sampling, stop, (uid, n_cached))
+        return uid, n_cached
+
+    def next(self):
+        """One batch step: (prompt responses, generation responses). The caches of
+        sequences that finish are held for `save`."""
+        if self.link is not None:
+            self._pending.append(("next",))
+            self.link.send(self._pending, self.stream)
+            self._pending = []
+        self._held.clear()
+        with self._collective():
+            prompt_responses, gen_responses = self.batch.next()
+        for r in gen_responses:
+            if r.finish_reason is not None:
+                self._held[r.uid] = (r.prompt_cache, r.all_tokens)
+        return prompt_responses, gen_responses
+
+    def remove(self, uids: list[int]) -> dict[int, int]:
+        """Take sequences out of the batch; their caches are held for `save`.
+        Returns each one's token count."""
+        self._record("remove", list(uids))
+        caches = self.batch.remove(list(uids), return_prompt_caches=True)
+        self._held.update({uid: (cache, tokens) for uid, (cache, tokens) in caches.items()})
+        return {uid: len(tokens) for uid, (_, tokens) in caches.items()}
+
+    def extract(self, uids: list[int]) -> dict[int, int]:
+        """Copy sequences' caches so far (at a prompt checkpoint) for `save`; returns their token counts."""
+        self._record("extract", list(uids))
+        caches = self.batch.extract_cache(list(uids))
+        self._held.update(caches)
+        return {uid: len(tokens) for uid, (_, tokens) in caches.items()}
+
+    def save(self, uid: int, kind: str = "assistant") -> None:
+        """Keep a held cache for later prefix hits. It is evaluated now: a cache
+        taken from the batch is a lazy copy that would otherwise hold the batch's
+        whole buffers alive, outside the byte budget, until first used."""
+        import mlx.core as mx
+
+        self._record("save", uid, kind)
+        cache, tokens = self._held.pop(uid)
+        with self._collective():  # the cache may wait on a step still running across the group
+            mx.eval([c.state for c in cache])
+        self.prompt_cache.insert_cache(self.model_name, list(tokens), cache, cache_type=kind)
+        self.prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes - self.batch.prompt_cache_nbytes)
+
+    def idle(self) -> None:
+        """Nothing to step: a group's rank 0 still sends what it recorded (a heartbeat
+        when nothing), so followers stay current and a lost rank shows."""
+        if self.link is not None:
+            self.link.heartbeat(self._pending, self.stream)
+            self._pending = []
+
+    # Follower side ----------------------------------------------------
+    def replay(self, ops: list[tuple], model) -> None:
+        """Run rank 0's operations here, with this rank's shard of the model."""
+        for op, *args in ops:
+            if op == "open":
+                name, _, seed = args
+                self.open(name, model, seed)
+            elif op == "admit":
+                *call, expect = args
+                self.admit(*call, expect=expect)
+            else:
+                getattr(self, op)(*args)
+
+
+def _fetch_cache(prompt_cache, model_name: str, tokens: list[int]):
+    """The longest cached prefix, always leaving at least one token to feed the model.
+
+    A cache that cannot be trimmed (rotating, recurrent) cannot give back its
+    last token, so a prompt it covers whole resumes from a shorter checkpoint.
+    """
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens)
+    if cache is not None and not rest:
+        if can_trim_prompt_cache(cache):
+            trim_prompt_cache(cache, 1)
+            return cache, tokens[-1:]
+        cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens[:-1])
+        rest = rest + tokens[-1:]
+    return cache, rest
+
+
+def _segments(tokens: list[int], n_cached: int, checkpoints: dict[int, Any]) -> list[list[int]]:
+    """The uncached part of the prompt, cut at the checkpoints: the batch
+    generator pauses at each cut, where the engine saves the cache."""
+    cuts = sorted(checkpoints) + [len(tokens)]
+    starts = [n_cached] + cuts[:-1]
+    return [tokens[a:b] for a, b in zip(starts, cuts)]
+
+
+@functools.lru_cache(maxsize=64)
+def _sampler(temperature: float, top_p: float, min_p: float, top_k: int):
+    """One sampler object per setting: mlx-lm samples a whole batch in one call
+    when its requests share the sampler object (greedy ones always do)."""
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
