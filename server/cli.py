@@ -62,6 +62,27 @@ def _starter(args: argparse.Namespace) -> tuple[Path | None, bool]:
         return None, False
 
 
+def _join_group(args: argparse.Namespace, preload: list[_ServedModel]):
+    """--distributed: join the mlx.launch group and load this rank's shard. Returns (member, exit
+    status): rank 0 goes on to serve HTTP with the member; the others follow rank 0 here until it stops."""
+    from . import distributed
+
+    if len(preload) != 1:
+        print("mlxd: --distributed serves exactly one --model, the same on every rank", file=sys.stderr)
+        return None, 2
+    try:
+        member = distributed.join(preload[0].name, preload[0].path, shard=args.shard,
+                                  timeout=args.distributed_timeout, version=version(),
+                                  trust_remote_code=args.trust_remote_code)
+    except distributed.GroupError as e:
+        print(f"mlxd: {e}", file=sys.stderr)
+        return None, 2
+    log.info("%s", member.describe())
+    if member.rank == 0:
+        return member, 0
+    return None, distributed.follow(member)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -38,7 +39,7 @@ SHARDS = ("tensor", "pipeline")
 # Rank 0 broadcasts at least this often while idle, so a lost rank shows between requests too.
 HEARTBEAT_S = 1.0
 # After failing the requests, how long rank 0 lets the server write the errors out before exiting.
-EXIT_GRACE_S = 1.0
+EXIT_GRACE_S = 2.0
 # Exit status of a rank whose group broke (another rank lost, or its replay diverged).
 EXIT_GROUP_LOST = 1
 
@@ -297,6 +298,10 @@ class Exit:
         self._lock = threading.Lock()
         self._done = False
 
+    @property
+    def started(self) -> bool:
+        return self._done
+
     def __call__(self, reason: str) -> None:
         with self._lock:
             if self._done:
@@ -319,17 +324,16 @@ class Exit:
 STOP = ("stop",)
 
 
-def follow(member: "Member", *, max_batch_size: int, prefill_step_size: int, prompt_cache_bytes: int,
-           prompt_cache_entries: int) -> int:
-    """A follower rank: replay rank 0's operations until it says stop; no HTTP here."""
+def follow(member: "Member") -> int:
+    """A follower rank: replay rank 0's operations until it says stop; no HTTP here.
+    Its batch and prefix cache are built with rank 0's settings (the "setup" operation)."""
     import mlx.core as mx
 
     from .lockstep import Steps
 
     info, lm, link, on_lost = member.info, member.lm, member.link, member.exit
     stream = mx.new_stream(mx.default_device())
-    steps = Steps(stream=stream, max_batch_size=max_batch_size, prefill_step_size=prefill_step_size,
-                  prompt_cache_bytes=prompt_cache_bytes, prompt_cache_entries=prompt_cache_entries)
+    steps = None
     link.start_watchdog("no word from rank 0")
     log.info("rank %d of %d (pid %d) following rank 0 on %s", info.rank, info.size, os.getpid(), info.host_of(0))
     while True:
@@ -339,14 +343,20 @@ def follow(member: "Member", *, max_batch_size: int, prefill_step_size: int, pro
             on_lost(f"{type(e).__name__}: {e}")
             return EXIT_GROUP_LOST
         if ops and ops[-1] == STOP:
-            steps.close()
+            if steps is not None:
+                steps.close()
+            link.closed = True
             log.info("rank %d: rank 0 stopped the group", info.rank)
             return 0
         removed = [uid for op, *args in ops if op == "remove" for uid in args[0]]
         if removed:
             log.info("rank %d: removed sequences %s from the batch, as rank 0 did", info.rank, removed)
         try:
-            steps.replay(ops, lm.model)
+            for op in ops:
+                if op[0] == "setup":
+                    steps = Steps(stream=stream, **op[1])
+                else:
+                    steps.replay([op], lm.model)
         except Exception as e:
             log.exception("rank %d: replaying rank 0's step failed", info.rank)
             on_lost(f"replay failed: {type(e).__name__}: {e}")
@@ -387,6 +397,18 @@ class Member:
         """Rank 0's engine runs: a lost group fails its requests; the watchdog starts."""
         self.exit.abandon = abandon
         self.link.start_watchdog("no broadcast completed")
+
+    def on_terminate(self) -> None:
+        """SIGTERM, as mlx.launch stops the group when a rank fails: uvicorn shuts down and
+        raises it again; then an exit already under way (the group broke) sets the status (1),
+        else the status is 143, terminated. Main thread, before the server starts."""
+
+        def terminated(signum, frame):
+            if self.exit.started:
+                time.sleep(10 * EXIT_GRACE_S)  # the exit under way ends the process first
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, terminated)
 
     def stop(self, stream=None) -> None:
         """Rank 0 is stopping: the followers stop too (the engine thread has ended)."""

@@ -33,15 +33,17 @@ class Steps:
         from mlx_lm.models.cache import LRUPromptCache
 
         self.stream = stream
+        self.settings = dict(max_batch_size=max_batch_size, prefill_step_size=prefill_step_size,
+                             prompt_cache_bytes=prompt_cache_bytes, prompt_cache_entries=prompt_cache_entries)
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
         self.prompt_cache_bytes = prompt_cache_bytes
-        self.prompt_cache_entries = prompt_cache_entries
         self.prompt_cache = LRUPromptCache(max_size=prompt_cache_entries, max_bytes=prompt_cache_bytes)
         self.link = link  # rank 0 of a group: where the operations go
         self.batch = None
         self.model_name: Optional[str] = None
-        self._pending: list[tuple] = []
+        # The followers build their Steps from rank 0's settings.
+        self._pending: list[tuple] = [("setup", self.settings)] if link is not None else []
         # Caches taken out of the batch (removed, extracted, finished) until saved or the next step.
         self._held: dict[int, tuple[list, list[int]]] = {}
 

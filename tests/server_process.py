@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -79,3 +80,29 @@ class ServerProcess:
 
     def get(self, path: str, **kwargs) -> httpx.Response:
         return httpx.get(self.base_url + path, timeout=30, **kwargs)
+
+
+def free_port_pair() -> int:
+    """A port P with P+1 free too: mlx.launch's ring listens on one port per rank."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+class GroupProcess(ServerProcess):
+    """`mlxd launch -n 2 -- serve ...`: two ranks on loopback; rank 0 answers HTTP."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mlxd.server.cli", "launch", "--hosts", "127.0.0.1", "-n", "2",
+                "--starting-port", str(free_port_pair()), "--", "serve", "--port", str(self.port), *self.args]
+
+    def rank_pid(self, rank: int) -> int:
+        m = re.search(rf"rank {rank} of 2 \(pid (\d+)\)", self.log())
+        assert m, self.log()
+        return int(m.group(1))

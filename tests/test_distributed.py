@@ -24,7 +24,7 @@ import pytest
 from scripts.testmodels import add_identity_layers, build_scripted_model
 from tests.chat_helpers import assembled_calls, content_of, finish_reasons
 from tests.ground_truth import ground_truth_prompt_tokens
-from tests.server_process import ROOT, ServerProcess, free_port
+from tests.server_process import ROOT, GroupProcess, free_port_pair
 from tests.test_tool_calls import ASK, BASH_ARGS, BASH_CALL, TOOLS
 
 AFTER_TOOL = "The command printed MARKER-1."
@@ -32,33 +32,6 @@ PROMPTS = ["Hello there", "Write a function that adds two numbers.", "What is th
 # Seconds without an answer from a rank before the group counts as broken (tests: short).
 GROUP_TIMEOUT_S = 10
 EXIT_WAIT_S = 60
-
-
-def free_port_pair() -> int:
-    """A port P with P+1 free too: mlx.launch's ring listens on one port per rank."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
-
-
-class GroupProcess(ServerProcess):
-    """`mlxd launch -n 2 -- serve ...`: two ranks on loopback; rank 0 answers HTTP."""
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "mlxd.server.cli", "launch", "--hosts", "127.0.0.1", "-n", "2",
-                "--starting-port", str(free_port_pair()), "--", "serve", "--port", str(self.port),
-                "--distributed-timeout", str(GROUP_TIMEOUT_S), *self.args]
-
-    def rank_pid(self, rank: int) -> int:
-        m = re.search(rf"rank {rank} of 2 \(pid (\d+)\)", self.log())
-        assert m, self.log()
-        return int(m.group(1))
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +159,7 @@ def test_client_disconnect_stops_generation_on_every_rank(random_group, random_m
 
 
 def test_killing_rank_1_mid_stream_errors_the_client_and_rank_0_exits(tmp_path, random_model):
-    group = GroupProcess(tmp_path, ["--model", str(random_model)]).start()
+    group = GroupProcess(tmp_path, ["--distributed-timeout", str(GROUP_TIMEOUT_S), "--model", str(random_model)]).start()
     try:
         stream = group.client().chat.completions.create(
             model=random_model.name, messages=[{"role": "user", "content": "Go on forever."}], max_tokens=220,
@@ -204,7 +177,7 @@ def test_killing_rank_1_mid_stream_errors_the_client_and_rank_0_exits(tmp_path, 
 
 
 def test_a_rank_that_stops_answering_gets_requests_503_and_rank_0_exits(tmp_path, random_model):
-    group = GroupProcess(tmp_path, ["--model", str(random_model)]).start()
+    group = GroupProcess(tmp_path, ["--distributed-timeout", str(GROUP_TIMEOUT_S), "--model", str(random_model)]).start()
     rank1 = group.rank_pid(1)
     try:
         os.kill(rank1, signal.SIGSTOP)  # alive, sockets open, silent: only the watchdog can tell
