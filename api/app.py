@@ -10,11 +10,13 @@ from mlxd.server.runtime import Runtime
 
 from .errors import BodySizeLimit, error_response, install_error_handlers
 from .openai import chat, models
+from .security import Policy, SecurityMiddleware
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
-def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, version: str = ""):
+def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, version: str = "",
+               policy: Policy = Policy()):
     app = FastAPI(title="mlxd", version=version, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     app.state.started = int(time.time())
@@ -32,4 +34,5 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
             "memory": runtime.engine.memory(),
         }
 
-    return BodySizeLimit(app, max_body_bytes)
+    # Outermost: Host, Origin and key checks run before a body is read.
+    return SecurityMiddleware(BodySizeLimit(app, max_body_bytes), policy)

@@ -16,10 +16,14 @@ from .models import DEFAULT_CONTEXT_LENGTH
 log = logging.getLogger("mlxd.runtime")
 
 
+# Every name that does not resolve gets this answer, whatever exists on disk: the
+# server never tells a client whether a path on this machine exists.
+NOT_SERVED = "The model does not exist or is not served here: GET /v1/models lists the models this server serves."
+
+
 @dataclass
 class ModelInfo:
     id: str
-    path: str
     context_length: Optional[int]
     size_bytes: int
     repo: Optional[str] = None
@@ -29,51 +33,71 @@ class ModelInfo:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or "\\" in name
+    return name.startswith(("/", ".", "~")) or "\\" in name or ".." in name.split("/")
 
 
 class Runtime:
     """Composes the engine with the models it may serve: local directories given at
-    start, and complete downloads in the registry's store."""
+    start, and complete downloads in the registry's store.
 
-    def __init__(self, engine: Engine, local_models: dict[str, Path], *, pull_on_demand: bool = False):
+    `trusted` names the served models whose own code may run (`--trust-remote-code-for`);
+    `pull_any` lets requests download any hub repo, not only the catalog's."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        local_models: dict[str, Path],
+        *,
+        pull_on_demand: bool = False,
+        pull_any: bool = False,
+        trusted: frozenset[str] = frozenset(),
+    ):
         self.engine = engine
         self.local_models = {name: Path(p).resolve() for name, p in local_models.items()}
-        self.pull_on_demand = pull_on_demand
+        self.pull_on_demand = pull_on_demand or pull_any
+        self.pull_any = pull_any
+        self.trusted = trusted
 
     def resolve(self, name: str) -> ModelRef:
         """A request's model name -> what to load. Requests may name served local
         directories, registry names and repo ids, never other paths on this machine."""
+        name = name.strip()
         for known_name, known_path in self.local_models.items():
             if name == known_name or name == str(known_path):
-                return ModelRef(name=known_name, path=known_path)
-        not_served = ModelNotFound(
-            f"The model '{name}' is not served here: start mlxd with --model {name} to serve a local directory."
-        )
+                return self._ref(known_name, known_path)
         if _looks_like_path(name):
-            raise not_served
+            raise ModelNotFound(NOT_SERVED)
         try:
-            resolved = registry.resolve(name)
-            if resolved.repo is None:  # a relative path that happens to exist (e.g. "dir/../x")
-                raise not_served
+            resolved = registry.resolve(name, local=False)
             if resolved.path is None:
-                if not self.pull_on_demand:
-                    raise ModelNotFound(f"The model '{name}' is not downloaded. Run: mlxd pull {name}")
-                log.info("pulling %s on demand", resolved.name)
-                resolved = registry.pull(name, progress=False)
+                resolved = self._pull(name, resolved)
         except registry.RegistryError as e:
             if e.kind == registry.UNAVAILABLE:
                 raise ModelUnavailable(str(e)) from e
             raise ModelNotFound(str(e)) from e
-        tool_format = resolved.family.tool_format if resolved.family else None
-        return ModelRef(name=resolved.name, path=resolved.path, tool_format=tool_format)
+        return self._ref(resolved.name, resolved.path, resolved.family.tool_format if resolved.family else None)
+
+    def _ref(self, name: str, path: Path, tool_format: Optional[str] = None) -> ModelRef:
+        return ModelRef(name=name, path=path, tool_format=tool_format, trust_remote_code=name in self.trusted)
+
+    def _pull(self, name: str, resolved: registry.ResolvedModel) -> registry.ResolvedModel:
+        """Download a model a request named, when this server may."""
+        if not self.pull_on_demand:
+            raise ModelNotFound(f"The model '{name}' is not downloaded. Run: mlxd pull {name}")
+        if resolved.family is None and not self.pull_any:
+            raise ModelNotFound(
+                f"The model '{name}' is not downloaded, and this server downloads only catalog models "
+                f"(`mlxd catalog`; --pull-any allows any repo). Run: mlxd pull {name}"
+            )
+        log.info("pulling %s on demand", resolved.name)
+        return registry.pull(name, progress=False, local=False)
 
     def list_models(self) -> list[dict]:
-        """Served local directories and complete downloads, with what is loaded."""
+        """Served local directories and complete downloads, with what is loaded (no paths:
+        clients need not know where the files are)."""
         infos = [
             ModelInfo(
                 id=name,
-                path=str(path),
                 context_length=registry.config_context_length(path) or DEFAULT_CONTEXT_LENGTH,
                 size_bytes=registry.directory_size(path),
             )
@@ -82,7 +106,7 @@ class Runtime:
         local_paths = set(self.local_models.values())
         for m in registry.list_models():
             if Path(m.path).resolve() not in local_paths:
-                infos.append(ModelInfo(m.name, str(m.path), m.context_length, m.size_bytes, repo=m.repo))
+                infos.append(ModelInfo(m.name, m.context_length, m.size_bytes, repo=m.repo))
         loaded = {m["name"]: m for m in self.engine.loaded_models()}
         for info in infos:
             if info.id in loaded:
