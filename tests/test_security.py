@@ -277,3 +277,39 @@ def test_trust_remote_code_reaches_only_the_models_named_at_start(tmp_path):
     runtime = Runtime(None, {"a": tmp_path / "a", "b": tmp_path / "b"}, trusted=frozenset({"a"}))
     assert runtime.resolve(" a").trust_remote_code is True
     assert runtime.resolve("b").trust_remote_code is False
+
+
+CUSTOM_ARCH = '''from pathlib import Path
+
+from mlx_lm.models.qwen2 import Model, ModelArgs  # noqa: F401
+
+Path(__file__).with_name("custom-code-ran").touch()
+'''
+
+
+def _model_with_custom_code(source: Path, target: Path) -> Path:
+    """A copy of a model whose config asks mlx-lm to run its own architecture module."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "model_file": "custom_arch.py"}))
+    (target / "custom_arch.py").write_text(CUSTOM_ARCH)
+    return target
+
+
+def test_remote_code_runs_only_for_the_model_named_with_trust_remote_code_for(tmp_path, greeting_model):
+    trusted = _model_with_custom_code(greeting_model.path, tmp_path / "trusted-greeter")
+    untrusted = _model_with_custom_code(greeting_model.path, tmp_path / "untrusted-greeter")
+    server = ServerProcess(tmp_path, ["--model", str(trusted), "--model", str(untrusted), "--max-loaded-models", "2",
+                                      "--trust-remote-code-for", "trusted-greeter"]).start()
+    try:
+        answer = server.client().chat.completions.create(model="trusted-greeter", messages=HELLO, temperature=0)
+        assert answer.choices[0].message.content == GREETING
+        assert (trusted / "custom-code-ran").exists()
+        refused = server.post("/v1/chat/completions", json={"model": "untrusted-greeter", "messages": HELLO})
+        assert refused.status_code == 500
+        error = refused.json()["error"]
+        assert error["code"] == "model_load_failed" and str(tmp_path) not in error["message"]
+        assert not (untrusted / "custom-code-ran").exists()
+        assert "Pass trust_remote_code=True" in server.log()  # the reason stays in the server log
+    finally:
+        server.stop()
