@@ -113,13 +113,20 @@ def _metadata(wheel: Path):
     return email.message_from_bytes(archive.read(name))
 
 
-def test_every_imported_distribution_is_declared_with_a_lower_bound_that_is_installed(installed):
+def _declared(wheel: Path) -> dict[str, str | None]:
+    """The wheel's runtime requirements: distribution -> its `>=` lower bound (None without one)."""
     declared = {}
-    for requirement in _metadata(installed[0]).get_all("Requires-Dist"):
-        if "extra ==" in requirement:
+    for requirement in _metadata(wheel).get_all("Requires-Dist"):
+        spec, _, marker = requirement.partition(";")
+        if "extra ==" in marker:
             continue
-        match = re.match(r"([A-Za-z0-9_.-]+)(?:\[[^]]*])?\s*(?:>=\s*([0-9][^,;\s]*))?", requirement)
-        declared[_canonical(match.group(1))] = match.group(2)
+        lower = re.search(r">=\s*([0-9][^,\s]*)", spec)
+        declared[_canonical(re.match(r"[A-Za-z0-9_.-]+", spec).group())] = lower and lower.group(1)
+    return declared
+
+
+def test_every_imported_distribution_is_declared_with_a_lower_bound_that_is_installed(installed):
+    declared = _declared(installed[0])
     undeclared = {m: owners for m, owners in _imported_distributions().items() if not owners & set(declared)}
     assert not undeclared
     for name, lower in declared.items():
@@ -131,3 +138,11 @@ def test_every_imported_distribution_is_declared_with_a_lower_bound_that_is_inst
 
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def test_the_lowest_dependency_pins_are_the_declared_lower_bounds(installed):
+    """tests/lowest-deps.txt is what the lower bounds were tested with; it must not drift from them."""
+    declared = {name: lower for name, lower in _declared(installed[0]).items() if lower}
+    lines = (ROOT / "tests" / "lowest-deps.txt").read_text().splitlines()
+    pinned = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+    assert {_canonical(k): v for k, v in pinned.items()} == declared
