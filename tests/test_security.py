@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -18,7 +20,7 @@ from mlxd.server import access
 from mlxd.server.cli import _ServedModel, trusted_models
 from mlxd.server.runtime import NOT_SERVED, Runtime
 from tests.ground_truth import GREETING
-from tests.server_process import ServerProcess
+from tests.server_process import ROOT, ServerProcess
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 CHAT = {"model": "greeter", "messages": HELLO, "max_tokens": 2}
@@ -104,6 +106,37 @@ def test_logs_name_labels_never_keys(keyed_server):
     assert "refused GET /v1/models from 127.0.0.1: wrong API key" in log
     for secret in (*SECRETS, "wrong-guess"):
         assert secret not in log
+
+
+def test_ps_sends_the_key_from_the_environment(keyed_server):
+    def ps(env_key):
+        env = {k: v for k, v in os.environ.items() if k != access.ENV_VAR}
+        env.update({access.ENV_VAR: env_key} if env_key else {})
+        return subprocess.run([sys.executable, "-m", "mlxd.server.cli", "ps", "--port", str(keyed_server.port)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    assert keyed_server.post("/v1/chat/completions", json=CHAT, headers=bearer("bob-secret")).status_code == 200
+    refused = ps(None)
+    assert refused.returncode == 1 and f"answered HTTP 401; set {access.ENV_VAR}" in refused.stderr
+    listed = ps("me:carol-secret")
+    assert listed.returncode == 0 and "greeter" in listed.stdout
+
+
+def test_doctor_shows_the_bind_and_the_key_labels(tmp_path):
+    def doctor(*args, **env):
+        child = {k: v for k, v in os.environ.items() if k != access.ENV_VAR}
+        child.update(env, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+        out = subprocess.run([sys.executable, "-m", "mlxd.server.cli", "doctor", *args], cwd=ROOT, env=child,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    lan = json.loads(doctor("--json", "--host", "0.0.0.0"))["access"]
+    assert lan["bind"] == "0.0.0.0" and "every network interface" in lan["reach"]
+    assert lan["env_key_labels"] == [] and "without an API key" in lan["warning"]
+    table = doctor(**{access.ENV_VAR: "alice:a-secret"})
+    assert "bind      127.0.0.1: this machine only" in table
+    assert f"api keys  1 in {access.ENV_VAR} (alice)" in table and "a-secret" not in table and "WARNING" not in table
 
 
 @pytest.mark.parametrize("host, status", [
