@@ -41,7 +41,7 @@ def policy_for(bind_host: str, keys: list[ApiKey], allowed_hosts: list[str], cor
     """Host names are checked on a loopback bind (loopback names plus `allowed_hosts`), and on
     any bind once `--allowed-host` names some; a LAN bind otherwise answers any name."""
     check = is_loopback(bind_host) or bool(allowed_hosts)
-    hosts = frozenset(h.strip().lower() for h in allowed_hosts) if check else None
+    hosts = frozenset(host_name(h) for h in allowed_hosts) if check else None
     return Policy(tuple(keys), hosts, frozenset(o.strip().rstrip("/") for o in cors_origins))
 
 

@@ -235,6 +235,7 @@ def test_every_path_like_name_gets_the_same_404_whatever_is_on_disk(core_server,
         response = core_server.post("/v1/chat/completions", json={"model": name, "messages": HELLO})
         assert response.status_code == 404, name
         bodies.add(response.text)
+    bodies.add(core_server.get("/v1/models//etc/passwd").text)  # one model by id: the same answer
     assert len(bodies) == 1
     error = json.loads(bodies.pop())["error"]
     assert error == {"message": NOT_SERVED, "type": "invalid_request_error", "param": "model",
@@ -295,7 +296,7 @@ def test_key_matching_and_host_names():
     assert not any(access.is_loopback(h) for h in ("0.0.0.0", "192.168.1.2", "localhost.evil.example", "::"))
     assert policy_for("127.0.0.1", [], [], []).allowed_hosts == frozenset()
     assert policy_for("0.0.0.0", [], [], []).allowed_hosts is None
-    assert policy_for("0.0.0.0", [], ["Studio.lan"], []).allowed_hosts == {"studio.lan"}
+    assert policy_for("0.0.0.0", [], ["Studio.lan:8080"], []).allowed_hosts == {"studio.lan"}
 
 
 def test_trust_remote_code_reaches_only_the_models_named_at_start(tmp_path):
