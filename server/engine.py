@@ -51,11 +51,13 @@ class SamplingParams:
 @dataclass
 class ModelRef:
     """A model the registry resolved: the name it is served under, its directory,
-    and its tool-call format when the catalog knows it better than the template."""
+    its tool-call format when the catalog knows it better than the template, and
+    whether its own tokenizer code may run (only for `--trust-remote-code-for` models)."""
 
     name: str
     path: Path
     tool_format: Optional[str] = None
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -334,10 +336,10 @@ class Engine:
             while len(self._loaded) >= self.max_loaded_models:
                 self._unload(next(iter(self._loaded)), "to make room")
             try:
-                lm = load_model(ref.name, ref.path, trust_remote_code=self.trust_remote_code)
+                lm = load_model(ref.name, ref.path, trust_remote_code=ref.trust_remote_code)
             except Exception as e:
-                log.exception("loading %s failed", ref.name)
-                raise ModelLoadFailed(f"model {ref.name!r} could not be loaded: {e}") from e
+                log.exception("loading %s failed", ref.name)  # the reason may name paths: log only
+                raise ModelLoadFailed(f"model {ref.name!r} could not be loaded; the server log says why") from e
             lm.output_format = output_format_for(lm.tokenizer, tool_format=ref.tool_format)
             log.info("model %s: tool-call format %s", ref.name, lm.output_format.name or "none")
             self._loaded[ref.name] = lm
