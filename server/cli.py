@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxd import registry
+from mlxd.registry.home import mlxd_home
 
 from . import doctor, opencode, registry_cli
 from .blas import describe, load_blas, setup_blas
@@ -62,6 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         prompt_cache_bytes=int(args.prompt_cache_gb * (1 << 30)),
+        prompt_cache_dir=args.prompt_cache_dir or mlxd_home() / "kv",
+        prompt_cache_disk_bytes=int(args.prompt_cache_disk_gb * (1 << 30)),
         trust_remote_code=args.trust_remote_code,
     )
     engine.start()
@@ -96,7 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-loaded-models", type=int, default=1)
     serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch before 429")
-    serve.add_argument("--prompt-cache-gb", type=float, default=4.0, help="memory budget of the prefix cache")
+    serve.add_argument("--prompt-cache-gb", type=float, default=4.0,
+                       help="RAM budget of the saved prefix caches (default: 4); the live batch is bounded "
+                            "by --max-batch-size and the context window")
+    # prefix cache: disk tier
+    serve.add_argument("--prompt-cache-dir", type=Path, default=None,
+                       help="where prefix caches evicted from RAM are kept across restarts "
+                            "(default: $MLXD_HOME/kv)")
+    serve.add_argument("--prompt-cache-disk-gb", type=float, default=32.0,
+                       help="disk budget of the prefix cache (default: 32); 0 disables the disk tier")
     serve.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from models")
     serve.set_defaults(func=_serve)
     registry_cli.add_parsers(sub)
