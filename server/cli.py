@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,9 @@ def _serve(args: argparse.Namespace) -> int:
         engine.preload(ModelRef(ref.name, ref.path, ref.tool_format))
     app = create_app(runtime, version=version())
     log.info("mlxd %s serving on http://%s:%d/v1", version(), args.host, args.port)
+    # uvicorn re-raises the SIGTERM it shut down on; as an exit, so the engine still
+    # stops below and writes its prefix caches to disk.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     finally:

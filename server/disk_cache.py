@@ -326,18 +326,20 @@ class DiskTier:
     def _write_loop(self) -> None:
         while True:
             job = self._jobs.get()
-            if job is None:
-                return
-            kind, target = job
             try:
+                if job is None:
+                    return
+                kind, target = job
                 if kind == "unlink":
                     target.unlink(missing_ok=True)
                 elif kind == "touch" and target.exists():  # a pending entry has no file yet
                     os.utime(target)
-                else:
+                elif kind == "write":
                     self._write(target)
             except OSError as e:
                 log.warning("prefix cache: %s %s failed: %s", kind, getattr(target, "path", target), e)
+            finally:
+                self._jobs.task_done()
 
     def _write(self, entry: DiskEntry) -> None:
         with self._lock:

@@ -167,8 +167,6 @@ class Engine:
         self.prefill_step_size = prefill_step_size
         self.prompt_cache_bytes = prompt_cache_bytes
         self.prompt_cache_entries = prompt_cache_entries
-        self.prompt_cache_dir = prompt_cache_dir
-        self.prompt_cache_disk_bytes = prompt_cache_disk_bytes
         self.trust_remote_code = trust_remote_code
 
         self._inbox: queue.Queue = queue.Queue()
@@ -179,7 +177,12 @@ class Engine:
         self._current: Optional[LoadedModel] = None
         self._batch = None
         self._active: dict[int, _Active] = {}
-        self._prompt_cache: Optional[PrefixCache] = None
+        self._prompt_cache = PrefixCache(
+            ram_bytes=prompt_cache_bytes,
+            ram_entries=prompt_cache_entries,
+            disk_dir=prompt_cache_dir,
+            disk_bytes=prompt_cache_disk_bytes,
+        )
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mlxd-engine", daemon=True)
 
@@ -230,13 +233,12 @@ class Engine:
         with its tiers' sizes, hits by tier and what the disk tier wrote."""
         import mlx.core as mx
 
-        cache = self._prompt_cache
         return {
             "mlx_active_bytes": mx.get_active_memory(),
             "mlx_peak_bytes": mx.get_peak_memory(),
-            "prompt_cache_bytes": cache.nbytes if cache is not None else 0,
+            "prompt_cache_bytes": self._prompt_cache.nbytes,
             "prompt_cache_budget_bytes": self.prompt_cache_bytes,
-            "prompt_cache": cache.stats() if cache is not None else None,
+            "prompt_cache": self._prompt_cache.stats(),
         }
 
     # ------------------------------------------------------------------
@@ -245,12 +247,6 @@ class Engine:
         import mlx.core as mx
 
         self._stream = mx.new_stream(mx.default_device())
-        self._prompt_cache = PrefixCache(
-            ram_bytes=self.prompt_cache_bytes,
-            ram_entries=self.prompt_cache_entries,
-            disk_dir=self.prompt_cache_dir,
-            disk_bytes=self.prompt_cache_disk_bytes,
-        )
         while not self._stopping:
             self._take_inbox(block=not self._active and not self._waiting)
             self._admit_waiting()

@@ -29,6 +29,9 @@ from .disk_cache import DiskTier
 
 log = logging.getLogger("mlxd.prefix_cache")
 
+# A disk entry is read only when it serves this many more tokens than RAM: reading a
+# file to skip the prefill of a few tokens (a shared template opening) costs more.
+MIN_DISK_GAIN = 32
 # Files up to this size are fingerprinted by content, larger ones (weights) by name, size and mtime.
 _HASHED_FILE_BYTES = 16 << 20
 
@@ -84,7 +87,7 @@ class PrefixCache:
         tier = "ram" if cache is not None else "miss"
         if self.disk is not None and len(tokens) > 1:
             entry, n_disk = self.disk.find(key, np.asarray(tokens, np.int32), lm.cache_trimmable)
-            if entry is not None and n_disk > len(tokens) - len(rest):
+            if entry is not None and n_disk >= len(tokens) - len(rest) + MIN_DISK_GAIN:
                 start = time.perf_counter()
                 loaded = self.disk.load(entry)
                 if loaded is not None:
@@ -171,7 +174,7 @@ def _fetch_ram(ram, key: str, tokens: list[int]):
 
 def _evict(ram, max_bytes: int, max_entries: int, keep: Optional[tuple] = None) -> list[tuple]:
     """Evict least recently used entries from mlx-lm's LRUPromptCache until it fits,
-    returning them (model, tokens, cache). `keep` goes last: only if it alone is too big.
+    returning them (model, tokens, cache). `keep` stays unless it alone is too big.
 
     LRUPromptCache drops what it evicts; this is its `trim_to` with the entries handed back."""
     evicted, held = [], None
@@ -185,6 +188,10 @@ def _evict(ram, max_bytes: int, max_entries: int, keep: Optional[tuple] = None) 
         ram._n_bytes_by_type[entry.cache_type] -= entry.nbytes
         evicted.append((model, tokens, entry.prompt_cache))
 
+    if keep is not None and ram._trie.get(*keep).nbytes > max_bytes:  # it alone is too big: it goes, alone
+        ram._lru.remove(*keep)
+        pop(*keep)
+        keep = None
     while over() and len(ram):
         model, tokens = ram._lru.pop()
         if held is None and keep is not None and model == keep[0] and tokens == keep[1]:
@@ -192,8 +199,5 @@ def _evict(ram, max_bytes: int, max_entries: int, keep: Optional[tuple] = None) 
             continue
         pop(model, tokens)
     if held is not None:
-        if over():  # everything else is gone and it still does not fit
-            pop(*held)
-        else:
-            ram._lru.push(*held, ram._trie.get(*held).cache_type)
+        ram._lru.push(*held, ram._trie.get(*held).cache_type)
     return evicted
