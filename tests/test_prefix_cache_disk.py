@@ -46,8 +46,9 @@ def wait_until(server, condition, what: str) -> dict:
     raise AssertionError(f"{what}: {cache_stats(server)}")
 
 
-def entry_files(home) -> list:
-    return sorted((home / "mlxd-home" / "kv").glob("*/*.safetensors"))
+def entry_files(log_dir, kv_dir=None) -> list:
+    """Entry files in `kv_dir`, by default in the server's $MLXD_HOME/kv (tests/server_process.py)."""
+    return sorted((kv_dir or log_dir / "mlxd-home" / "kv").glob("*/*.safetensors"))
 
 
 def test_a_disk_hit_after_ram_eviction_gives_the_cold_output(tmp_path, disk_model):
@@ -169,14 +170,16 @@ def test_the_disk_budget_is_respected(tmp_path, disk_model):
     per_token = 2 * 2 * 4 * 16 * 4  # layers x (keys, values) x kv heads x head dim x float32
     entry_bytes = (len(prompt_ids(disk_model, chats[0])) + 4) * per_token
     budget_gb = 2.5 * entry_bytes / (1 << 30)
-    server = ServerProcess(tmp_path, ["--model", str(disk_model), *RAM_OFF,
+    kv_dir = tmp_path / "kv-elsewhere"
+    server = ServerProcess(tmp_path, ["--model", str(disk_model), *RAM_OFF, "--prompt-cache-dir", str(kv_dir),
                                       "--prompt-cache-disk-gb", f"{budget_gb:.9f}"]).start()
     try:
         for chat in chats:
             ask(server, "random-disk", chat, max_tokens=4)
             wait_until(server, lambda s: not s["disk"]["pending_entries"], "the writer did not finish")
         stats = cache_stats(server)["disk"]
-        files = entry_files(tmp_path)
+        files = entry_files(tmp_path, kv_dir)
+        assert stats["dir"] == str(kv_dir) and not entry_files(tmp_path)
         assert stats["files_written"] >= 4 and stats["entries"] == len(files) == 2
         assert stats["bytes"] == sum(f.stat().st_size for f in files) <= stats["budget_bytes"]
         # The two most recent conversations are the ones kept.
