@@ -305,7 +305,7 @@ class DiskTier:
         unreadable files are deleted."""
         for path in self.root.glob("*/*"):
             if path.name.endswith(_TMP):
-                path.unlink(missing_ok=True)
+                _discard(path)
                 continue
             if not path.name.endswith(SUFFIX):
                 continue
@@ -317,7 +317,7 @@ class DiskTier:
             except (OSError, ValueError) as e:
                 log.warning("prefix cache: deleting %s: %s", path, e)
                 self.corrupt += 1
-                path.unlink(missing_ok=True)
+                _discard(path)
                 continue
             self._entries[path] = DiskEntry(model, tokens, path, st.st_size, st.st_mtime)
         with self._lock:
@@ -377,6 +377,14 @@ def _from_arrays(arrays: dict, metadata: dict) -> list:
                        "none": lambda a: None}[kind](arrays[pos])
     states = tree_unflatten(list(arrays.items()))
     return [getattr(mlx_cache, c).from_state(s) for c, s in zip(classes, states)]
+
+
+def _discard(path: Path) -> None:
+    """Delete a file if possible: one that cannot be deleted is only left behind."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("prefix cache: cannot delete %s: %s", path, e)
 
 
 def _token_hash(model: str, tokens: list[int]) -> str:
