@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sqlite3
 import sys
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from mlxd import registry
 from mlxd.registry import starter
+from mlxd.registry.home import mlxd_home
 
 from . import access, claude, codex, doctor, opencode, registry_cli, usage_cli
 from .blas import describe, load_blas, setup_blas
@@ -117,6 +119,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         prompt_cache_bytes=int(args.prompt_cache_gb * (1 << 30)),
+        prompt_cache_dir=args.prompt_cache_dir or mlxd_home() / "kv",
+        prompt_cache_disk_bytes=int(args.prompt_cache_disk_gb * (1 << 30)),
         on_request_end=ledger.record,
     )
     engine.start()
@@ -133,6 +137,9 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("API keys required (labels: %s); GET /health needs none", ", ".join(k.label for k in keys))
     if warning := access.exposure_warning(args.host, args.port, keys):
         log.warning("%s", warning)
+    # uvicorn re-raises the SIGTERM it shut down on; as an exit, so the engine still
+    # stops below and writes its prefix caches to disk.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     finally:
@@ -160,7 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-loaded-models", type=int, default=1)
     serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch before 429")
-    serve.add_argument("--prompt-cache-gb", type=float, default=4.0, help="memory budget of the prefix cache")
+    serve.add_argument("--prompt-cache-gb", type=float, default=4.0,
+                       help="RAM budget of the saved prefix caches (default: 4); the live batch is bounded "
+                            "by --max-batch-size and the context window")
+    # prefix cache: disk tier
+    serve.add_argument("--prompt-cache-dir", type=Path, default=None,
+                       help="where prefix caches evicted from RAM are kept across restarts "
+                            "(default: $MLXD_HOME/kv)")
+    serve.add_argument("--prompt-cache-disk-gb", type=float, default=32.0,
+                       help="disk budget of the prefix cache (default: 32); 0 disables the disk tier")
     serve.add_argument("--trust-remote-code", action="store_true",
                        help="let every --model run its own tokenizer code (never models a request names)")
     # security
