@@ -14,12 +14,13 @@ from . import dashboard, metrics, usage
 from .errors import BodySizeLimit, error_response, install_error_handlers
 from .anthropic import messages
 from .openai import chat, models, responses
+from .security import Policy, SecurityMiddleware
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, version: str = "",
-               ledger: Optional[Ledger] = None):
+               ledger: Optional[Ledger] = None, policy: Policy = Policy()):
     app = FastAPI(title="mlxd", version=version, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     app.state.started = int(time.time())
@@ -48,4 +49,5 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
             "requests": {"active": runtime.engine.batch_size, "queued": runtime.engine.queue_depth},
         }
 
-    return BodySizeLimit(app, max_body_bytes)
+    # Outermost: Host, Origin and key checks run before a body is read.
+    return SecurityMiddleware(BodySizeLimit(app, max_body_bytes), policy)

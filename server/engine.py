@@ -24,6 +24,7 @@ from .events import Failure, Finish, ReasoningDelta, TokenLogprob, Usage
 from .ledger import RequestRecord
 from .models import LoadedModel, load_model
 from .output import OutputParser, output_format_for
+from .prefix_cache import PrefixCache
 from .prompt import offered_tools, request_prompt
 
 log = logging.getLogger("mlxd.engine")
@@ -51,11 +52,13 @@ class SamplingParams:
 @dataclass
 class ModelRef:
     """A model the registry resolved: the name it is served under, its directory,
-    and its tool-call format when the catalog knows it better than the template."""
+    its tool-call format when the catalog knows it better than the template, and
+    whether its own tokenizer code may run (only for `--trust-remote-code-for` models)."""
 
     name: str
     path: Path
     tool_format: Optional[str] = None
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -160,6 +163,8 @@ class Engine:
         prefill_step_size: int = 512,
         prompt_cache_bytes: int = 4 << 30,
         prompt_cache_entries: int = 16,
+        prompt_cache_dir: Optional[Path] = None,
+        prompt_cache_disk_bytes: int = 0,
         trust_remote_code: bool = False,
         on_request_end: Optional[Callable[[RequestRecord], None]] = None,
     ):
@@ -183,7 +188,12 @@ class Engine:
         self._current: Optional[LoadedModel] = None
         self._batch = None
         self._active: dict[int, _Active] = {}
-        self._prompt_cache = None
+        self._prompt_cache = PrefixCache(
+            ram_bytes=prompt_cache_bytes,
+            ram_entries=prompt_cache_entries,
+            disk_dir=prompt_cache_dir,
+            disk_bytes=prompt_cache_disk_bytes,
+        )
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mlxd-engine", daemon=True)
 
@@ -245,26 +255,24 @@ class Engine:
         ]
 
     def memory(self) -> dict:
-        """MLX's allocator counters (GPU memory on Metal) and the prefix cache's share."""
+        """MLX's allocator counters (GPU memory on Metal) and the prefix cache's share,
+        with its tiers' sizes, hits by tier and what the disk tier wrote."""
         import mlx.core as mx
 
         return {
             "mlx_active_bytes": mx.get_active_memory(),
             "mlx_peak_bytes": mx.get_peak_memory(),
-            "prompt_cache_bytes": self._prompt_cache.nbytes if self._prompt_cache is not None else 0,
+            "prompt_cache_bytes": self._prompt_cache.nbytes,
             "prompt_cache_budget_bytes": self.prompt_cache_bytes,
+            "prompt_cache": self._prompt_cache.stats(),
         }
 
     # ------------------------------------------------------------------
     # Engine thread
     def _run(self) -> None:
         import mlx.core as mx
-        from mlx_lm.models.cache import LRUPromptCache
 
         self._stream = mx.new_stream(mx.default_device())
-        self._prompt_cache = LRUPromptCache(
-            max_size=self.prompt_cache_entries, max_bytes=self.prompt_cache_bytes
-        )
         while not self._stopping:
             self._take_inbox(block=not self._active and not self._waiting)
             self._admit_waiting()
@@ -276,6 +284,7 @@ class Engine:
             self._release(active.handle, None, outcome="cancelled", reason="shutdown", active=active)
         self._active.clear()
         self._close_batch()
+        self._prompt_cache.close()
 
     def _take_inbox(self, block: bool) -> None:
         timeout = 1.0 if block else None
@@ -334,10 +343,10 @@ class Engine:
             while len(self._loaded) >= self.max_loaded_models:
                 self._unload(next(iter(self._loaded)), "to make room")
             try:
-                lm = load_model(ref.name, ref.path, trust_remote_code=self.trust_remote_code)
+                lm = load_model(ref.name, ref.path, trust_remote_code=ref.trust_remote_code)
             except Exception as e:
-                log.exception("loading %s failed", ref.name)
-                raise ModelLoadFailed(f"model {ref.name!r} could not be loaded: {e}") from e
+                log.exception("loading %s failed", ref.name)  # the reason may name paths: log only
+                raise ModelLoadFailed(f"model {ref.name!r} could not be loaded; the server log says why") from e
             lm.output_format = output_format_for(lm.tokenizer, tool_format=ref.tool_format)
             log.info("model %s: tool-call format %s", ref.name, lm.output_format.name or "none")
             self._loaded[ref.name] = lm
@@ -373,7 +382,7 @@ class Engine:
 
         if self._current is self._loaded.pop(name):
             self._close_batch()
-        self._prompt_cache.trim_to(n_sequences=0)
+        self._prompt_cache.spill()
         log.info("unloaded model %s (%s)", name, why)
         gc.collect()
         mx.clear_cache()
@@ -413,7 +422,7 @@ class Engine:
         room = lm.context_length - n_prompt
         max_tokens = min(req.max_tokens, room) if req.max_tokens else room
 
-        cache, rest = _fetch_cache(self._prompt_cache, lm.name, prompt.tokens)
+        cache, rest = self._prompt_cache.fetch(lm, prompt.tokens)
         n_cached = n_prompt - len(rest)
         checkpoints = {n: kind for n, kind in prompt.checkpoints.items() if n > n_cached}
 
@@ -510,14 +519,7 @@ class Engine:
         ]
 
     def _save_cache(self, tokens: list[int], cache: list, kind: str = "assistant") -> None:
-        """Keep a sequence's cache for later prefix hits. It is evaluated now: a
-        cache taken from the batch is a lazy copy that would otherwise hold the
-        batch's whole buffers alive, outside the byte budget, until first used."""
-        import mlx.core as mx
-
-        mx.eval([c.state for c in cache])
-        self._prompt_cache.insert_cache(self._current.name, list(tokens), cache, cache_type=kind)
-        self._trim_prompt_cache()
+        self._prompt_cache.save(self._current, tokens, cache, kind)
 
     def _on_prefill(self, prompt_responses) -> None:
         """Track how much of each prompt is read, and store the cache at its
@@ -534,9 +536,6 @@ class Engine:
             return
         for uid, (cache, tokens) in self._batch.extract_cache(at_checkpoint).items():
             self._save_cache(tokens, cache, self._active[uid].checkpoints.pop(len(tokens)))
-
-    def _trim_prompt_cache(self) -> None:
-        self._prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes - self._batch.prompt_cache_nbytes)
 
     def _on_token(self, r, active: _Active) -> None:
         active.usage.completion_tokens += 1
@@ -606,24 +605,6 @@ class Engine:
             bytes=list(text.encode()),
             top=[(t, v, list(t.encode())) for t, v in top],
         )
-
-
-def _fetch_cache(prompt_cache, model_name: str, tokens: list[int]):
-    """The longest cached prefix, always leaving at least one token to feed the model.
-
-    A cache that cannot be trimmed (rotating, recurrent) cannot give back its
-    last token, so a prompt it covers whole resumes from a shorter checkpoint.
-    """
-    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-    cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens)
-    if cache is not None and not rest:
-        if can_trim_prompt_cache(cache):
-            trim_prompt_cache(cache, 1)
-            return cache, tokens[-1:]
-        cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens[:-1])
-        rest = rest + tokens[-1:]
-    return cache, rest
 
 
 def _token_text(tokenizer, token_id: int) -> str:
