@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from mlxd.server.errors import ContextLengthExceeded, EngineError, InternalError, ModelLoadFailed, ModelNotFound, ModelUnavailable, QueueFull
+from mlxd.server.errors import ContextLengthExceeded, EngineError, EngineUnavailable, InternalError, ModelLoadFailed, ModelNotFound, ModelUnavailable, QueueFull
 
 log = logging.getLogger("mlxd.api")
 
@@ -24,6 +24,7 @@ _STATUS_BY_ERROR = {
     QueueFull: 429,
     ModelLoadFailed: 500,
     ModelUnavailable: 503,
+    EngineUnavailable: 503,
     InternalError: 500,
     ContextLengthExceeded: 400,
 }

@@ -81,7 +81,7 @@ def _starter(args: argparse.Namespace) -> tuple[Path | None, bool]:
         return None, False
 
 
-def _join_group(args: argparse.Namespace, preload: list[_ServedModel]):
+def _join_group(args: argparse.Namespace, preload: list[_ServedModel], trusted: frozenset[str]):
     """--distributed: join the mlx.launch group and load this rank's shard. Returns (member, exit
     status): rank 0 goes on to serve HTTP with the member; the others follow rank 0 here until it stops."""
     from . import distributed
@@ -92,7 +92,7 @@ def _join_group(args: argparse.Namespace, preload: list[_ServedModel]):
     try:
         member = distributed.join(preload[0].name, preload[0].path, shard=args.shard,
                                   timeout=args.distributed_timeout, version=version(),
-                                  trust_remote_code=args.trust_remote_code)
+                                  trust_remote_code=preload[0].name in trusted)
     except distributed.GroupError as e:
         print(f"mlxd: {e}", file=sys.stderr)
         return None, 2
@@ -121,13 +121,22 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     policy = policy_for(args.host, keys, args.allowed_host or [], args.cors_origin or [])
     local = {ref.name: ref.path for ref in preload if ref.local}
-    starter_path, starter_listed = _starter(args)
+    starter_path, starter_listed = _starter(args) if not args.distributed else (None, False)
     try:
         aliases = claude.parse_aliases(args.alias or [], {arg: ref.name for arg, ref in zip(args.model or [], preload)})
     except ValueError as e:
         print(f"mlxd: {e}", file=sys.stderr)
         return 2
     log.info("%s", describe(setup_blas()))  # timed before the engine starts loading models beside it
+    # distributed: every rank loads its shard of the one --model; only rank 0 goes on to serve HTTP
+    member = None
+    if args.distributed:
+        member, status = _join_group(args, preload, trusted)
+        if member is None:
+            return status
+        # its one model stays loaded; prefix caches stay in RAM (a disk tier's contents
+        # depend on its writer's timing, and the ranks' must match)
+        args.max_loaded_models, args.keep_alive, args.prompt_cache_disk_gb = 1, -1, 0
     try:
         ledger = Ledger(retention_days=args.usage_retention_days)
     except (OSError, sqlite3.Error) as e:
@@ -143,8 +152,11 @@ def _serve(args: argparse.Namespace) -> int:
         prompt_cache_dir=args.prompt_cache_dir or mlxd_home() / "kv",
         prompt_cache_disk_bytes=int(args.prompt_cache_disk_gb * (1 << 30)),
         on_request_end=ledger.record,
+        **(member.engine_hooks() if member else {}),
     )
     engine.start()
+    if member:
+        member.serving(engine.abandon)
     runtime = Runtime(engine, local, pull_on_demand=args.pull, pull_any=args.pull_any, trusted=trusted,
                       starter=starter_path, starter_listed=starter_listed, aliases=aliases)
     for ref in preload[: args.max_loaded_models]:
@@ -161,10 +173,14 @@ def _serve(args: argparse.Namespace) -> int:
     # uvicorn re-raises the SIGTERM it shut down on; as an exit, so the engine still
     # stops below and writes its prefix caches to disk.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    if member:
+        member.on_terminate()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     finally:
         engine.stop()
+        if member:
+            member.stop()
         ledger.close()  # after the engine: the last requests' rows are stored too
     return 0
 

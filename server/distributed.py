@@ -329,8 +329,6 @@ def follow(member: "Member") -> int:
     Its batch and prefix cache are built with rank 0's settings (the "setup" operation)."""
     import mlx.core as mx
 
-    from .lockstep import Steps
-
     info, lm, link, on_lost = member.info, member.lm, member.link, member.exit
     stream = mx.new_stream(mx.default_device())
     steps = None
@@ -354,13 +352,21 @@ def follow(member: "Member") -> int:
         try:
             for op in ops:
                 if op[0] == "setup":
-                    steps = Steps(stream=stream, **op[1])
+                    steps = _follower_steps(stream, **op[1])
                 else:
-                    steps.replay([op], lm.model)
+                    steps.replay([op], lm)
         except Exception as e:
             log.exception("rank %d: replaying rank 0's step failed", info.rank)
             on_lost(f"replay failed: {type(e).__name__}: {e}")
             return EXIT_GROUP_LOST
+
+
+def _follower_steps(stream, *, ram_bytes: int, ram_entries: int, **batch):
+    from .lockstep import Steps
+    from .prefix_cache import PrefixCache
+
+    cache = PrefixCache(ram_bytes=ram_bytes, ram_entries=ram_entries, disk_dir=None, disk_bytes=0)
+    return Steps(stream=stream, prefix_cache=cache, **batch)
 
 
 class GroupError(Exception):
@@ -392,6 +398,10 @@ class Member:
         if name != self.lm.name:
             raise ValueError(f"this distributed group serves only {self.lm.name}")
         return self.lm
+
+    def engine_hooks(self) -> dict:
+        """Rank 0's engine: its steps go to the other ranks; its model is this rank's shard."""
+        return dict(link=self.link, loader=self.loader)
 
     def serving(self, abandon: Callable[[Exception], None]) -> None:
         """Rank 0's engine runs: a lost group fails its requests; the watchdog starts."""

@@ -9,7 +9,6 @@ asyncio queue with `call_soon_threadsafe`, so the event loop never blocks on MLX
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import queue
 import threading
@@ -19,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import ContextLengthExceeded, EngineError, InternalError, InvalidPrompt, ModelLoadFailed, QueueFull
+from .errors import ContextLengthExceeded, EngineError, EngineUnavailable, InternalError, InvalidPrompt, ModelLoadFailed, QueueFull
 from .events import Failure, Finish, ReasoningDelta, TokenLogprob, Usage
 from .ledger import RequestRecord
+from .lockstep import Steps
 from .models import LoadedModel, load_model
 from .output import OutputParser, output_format_for
 from .prefix_cache import PrefixCache
@@ -167,6 +167,8 @@ class Engine:
         prompt_cache_disk_bytes: int = 0,
         trust_remote_code: bool = False,
         on_request_end: Optional[Callable[[RequestRecord], None]] = None,
+        link=None,
+        loader: Optional[Callable[..., LoadedModel]] = None,
     ):
         self.max_loaded_models = max(1, max_loaded_models)
         self.keep_alive = keep_alive
@@ -179,6 +181,10 @@ class Engine:
         # Called on the engine thread with one record per request, however it ends;
         # it must only hand the record on (the usage ledger queues it for its writer).
         self.on_request_end = on_request_end
+        # distributed: rank 0's line to the other ranks (distributed.Link), and the loader
+        # that hands out this rank's shard of the group's one model
+        self._link = link
+        self._load = loader or load_model
 
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[RequestHandle] = deque()
@@ -186,7 +192,7 @@ class Engine:
         self._count_lock = threading.Lock()
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._current: Optional[LoadedModel] = None
-        self._batch = None
+        self._steps: Optional[Steps] = None  # the batch, and the prefix cache's operations
         self._active: dict[int, _Active] = {}
         self._prompt_cache = PrefixCache(
             ram_bytes=prompt_cache_bytes,
@@ -194,6 +200,7 @@ class Engine:
             disk_dir=prompt_cache_dir,
             disk_bytes=prompt_cache_disk_bytes,
         )
+        self._degraded: Optional[str] = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mlxd-engine", daemon=True)
 
@@ -209,7 +216,24 @@ class Engine:
 
     @property
     def healthy(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self._degraded is None
+
+    def abandon(self, error: EngineError) -> None:
+        """The process exits next (a distributed group lost a rank): every request fails
+        now with `error`. Any thread: the engine thread may be stuck in an MLX collective
+        that never returns."""
+        self._degraded = str(error)
+        for active in list(self._active.values()):
+            active.handle._push([Failure(str(error), active.usage)])
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, RequestHandle):
+                self._waiting.append(item)
+        for handle in list(self._waiting):
+            handle._reject(error)
 
     def preload(self, ref: ModelRef) -> None:
         """Load a model in the engine thread now rather than on first use."""
@@ -217,6 +241,8 @@ class Engine:
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:
         """Queue a request; raises QueueFull when active and waiting slots are all taken."""
+        if self._degraded is not None:
+            raise EngineUnavailable(self._degraded)
         with self._count_lock:
             if self._in_flight >= self.max_batch_size + self.max_queue:
                 raise QueueFull(retry_after=2)
@@ -273,6 +299,8 @@ class Engine:
         import mlx.core as mx
 
         self._stream = mx.new_stream(mx.default_device())
+        self._steps = Steps(stream=self._stream, prefix_cache=self._prompt_cache, max_batch_size=self.max_batch_size,
+                            prefill_step_size=self.prefill_step_size, link=self._link)
         while not self._stopping:
             self._take_inbox(block=not self._active and not self._waiting)
             self._admit_waiting()
@@ -280,6 +308,7 @@ class Engine:
                 self._step_safely()
             else:
                 self._unload_idle()
+                self._steps.idle()
         for active in list(self._active.values()):  # the server is stopping under them
             self._release(active.handle, None, outcome="cancelled", reason="shutdown", active=active)
         self._active.clear()
@@ -343,7 +372,7 @@ class Engine:
             while len(self._loaded) >= self.max_loaded_models:
                 self._unload(next(iter(self._loaded)), "to make room")
             try:
-                lm = load_model(ref.name, ref.path, trust_remote_code=ref.trust_remote_code)
+                lm = self._load(ref.name, ref.path, trust_remote_code=ref.trust_remote_code)
             except Exception as e:
                 log.exception("loading %s failed", ref.name)  # the reason may name paths: log only
                 raise ModelLoadFailed(f"model {ref.name!r} could not be loaded; the server log says why") from e
@@ -356,22 +385,13 @@ class Engine:
         return lm
 
     def _switch_to(self, lm: LoadedModel) -> None:
-        from mlx_lm.generate import BatchGenerator
-
         self._close_batch()
         self._current = lm
-        self._batch = BatchGenerator(
-            lm.model,
-            completion_batch_size=self.max_batch_size,
-            prefill_batch_size=self.max_batch_size,
-            prefill_step_size=self.prefill_step_size,
-            stream=self._stream,
-        )
+        self._steps.open(lm)
 
     def _close_batch(self) -> None:
-        if self._batch is not None:
-            self._batch.close()
-            self._batch = None
+        if self._steps is not None:
+            self._steps.close()
         self._current = None
 
     def _unload(self, name: str, why: str) -> None:
@@ -382,7 +402,7 @@ class Engine:
 
         if self._current is self._loaded.pop(name):
             self._close_batch()
-        self._prompt_cache.spill()
+        self._steps.spill()
         log.info("unloaded model %s (%s)", name, why)
         gc.collect()
         mx.clear_cache()
@@ -396,10 +416,6 @@ class Engine:
             self._unload(name, f"idle for {self.keep_alive:.0f} s")
 
     def _admit(self, handle: RequestHandle) -> None:
-        import mlx.core as mx
-        from mlx_lm.generate import make_stop_sequences
-        from mlx_lm.sample_utils import make_logits_processors
-
         req = handle.request
         lm = self._ensure_loaded(req.model)
         tokenizer = lm.tokenizer
@@ -422,29 +438,15 @@ class Engine:
         room = lm.context_length - n_prompt
         max_tokens = min(req.max_tokens, room) if req.max_tokens else room
 
-        cache, rest = self._prompt_cache.fetch(lm, prompt.tokens)
-        n_cached = n_prompt - len(rest)
-        checkpoints = {n: kind for n, kind in prompt.checkpoints.items() if n > n_cached}
-
         sampling = _effective_sampling(req.sampling, lm.sampling_defaults)
-        if req.sampling.seed is not None:
-            mx.random.seed(req.sampling.seed)
-        sampler = _sampler(sampling["temperature"], sampling["top_p"], sampling["min_p"], sampling["top_k"])
-        processors = make_logits_processors(
-            req.sampling.logit_bias,
-            sampling.get("repetition_penalty"),
-            presence_penalty=req.sampling.presence_penalty,
-            frequency_penalty=req.sampling.frequency_penalty,
+        sampling.update(seed=req.sampling.seed, logit_bias=req.sampling.logit_bias,
+                        presence_penalty=req.sampling.presence_penalty,
+                        frequency_penalty=req.sampling.frequency_penalty)
+        uid, n_cached = self._steps.admit(
+            prompt.tokens, prompt.checkpoints, max_tokens, sampling,
+            [(t,) for t in tokenizer.eos_token_ids],  # as mlx-lm's make_stop_sequences
         )
-        (uid,) = self._batch.insert_segments(
-            segments=[_segments(prompt.tokens, n_cached, checkpoints)],
-            max_tokens=[max_tokens],
-            caches=[cache],
-            all_tokens=[prompt.tokens[:n_cached]],
-            samplers=[sampler],
-            logits_processors=[processors],
-            stop_sequences=[make_stop_sequences(tokenizer)],
-        )
+        checkpoints = {n: kind for n, kind in prompt.checkpoints.items() if n > n_cached}
         parser = OutputParser(
             fmt,
             tools=tools,
@@ -480,7 +482,7 @@ class Engine:
         self._drop_cancelled()
         if not self._active:
             return
-        prompt_responses, gen_responses = self._batch.next()
+        prompt_responses, gen_responses = self._steps.next()
         self._on_prefill(prompt_responses)
         for r in gen_responses:
             active = self._active.get(r.uid)
@@ -505,21 +507,14 @@ class Engine:
                 active.prompt_read,
                 active.usage.prompt_tokens,
             )
-        for tokens, cache in built:
-            self._save_cache(tokens, cache)
+        for uid in built:
+            self._steps.save(uid)
 
-    def _remove_from_batch(self, uids: list[int]) -> list[tuple[list[int], list]]:
-        """Take sequences out of the batch; returns the (tokens, cache) of those
-        that built on their cached prefix, to be saved for later prefix hits."""
-        caches = self._batch.remove(uids, return_prompt_caches=True)
-        return [
-            (tokens, cache)
-            for uid, (cache, tokens) in caches.items()
-            if len(tokens) > self._active[uid].usage.cached_tokens
-        ]
-
-    def _save_cache(self, tokens: list[int], cache: list, kind: str = "assistant") -> None:
-        self._prompt_cache.save(self._current, tokens, cache, kind)
+    def _remove_from_batch(self, uids: list[int]) -> list[int]:
+        """Take sequences out of the batch; returns those that built on their
+        cached prefix, whose caches are to be saved for later prefix hits."""
+        sizes = self._steps.remove(uids)
+        return [uid for uid, n in sizes.items() if n > self._active[uid].usage.cached_tokens]
 
     def _on_prefill(self, prompt_responses) -> None:
         """Track how much of each prompt is read, and store the cache at its
@@ -534,8 +529,8 @@ class Engine:
                 at_checkpoint.append(r.uid)
         if not at_checkpoint:
             return
-        for uid, (cache, tokens) in self._batch.extract_cache(at_checkpoint).items():
-            self._save_cache(tokens, cache, self._active[uid].checkpoints.pop(len(tokens)))
+        for uid, n in self._steps.extract(at_checkpoint).items():
+            self._steps.save(uid, self._active[uid].checkpoints.pop(n))
 
     def _on_token(self, r, active: _Active) -> None:
         active.usage.completion_tokens += 1
@@ -560,7 +555,7 @@ class Engine:
             active.usage.reasoning_tokens += 1
 
         reason = r.finish_reason
-        built = [(r.all_tokens, r.prompt_cache)] if reason is not None else []
+        built = [r.uid] if reason is not None else []
         if reason is None and parser.stopped:
             reason = "stop"
             built = self._remove_from_batch([r.uid])
@@ -571,8 +566,8 @@ class Engine:
         events.extend(tail)
         active.handle._push(events)
         self._finish(r.uid, active, Finish(final_reason, active.usage, parser.stop_sequence))
-        for tokens, cache in built:  # once the answer is out: saving copies the cache
-            self._save_cache(tokens, cache)
+        for uid in built:  # once the answer is out: saving copies the cache
+            self._steps.save(uid)
 
     def _finish(self, uid: int, active: _Active, last: Any) -> None:
         self._active.pop(uid, None)
@@ -609,23 +604,6 @@ class Engine:
 
 def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
-
-
-def _segments(tokens: list[int], n_cached: int, checkpoints: dict[int, str]) -> list[list[int]]:
-    """The uncached part of the prompt, cut at the checkpoints: the batch
-    generator pauses at each cut, where the engine saves the cache."""
-    cuts = sorted(checkpoints) + [len(tokens)]
-    starts = [n_cached] + cuts[:-1]
-    return [tokens[a:b] for a, b in zip(starts, cuts)]
-
-
-@functools.lru_cache(maxsize=64)
-def _sampler(temperature: float, top_p: float, min_p: float, top_k: int):
-    """One sampler object per setting: mlx-lm samples a whole batch in one call
-    when its requests share the sampler object (greedy ones always do)."""
-    from mlx_lm.sample_utils import make_sampler
-
-    return make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
 
 
 def _effective_sampling(sampling: SamplingParams, model_defaults: dict) -> dict:

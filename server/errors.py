@@ -65,3 +65,13 @@ class QueueFull(EngineError):
     def __init__(self, retry_after: int = 1):
         super().__init__("The server is busy: too many requests are queued. Retry shortly.")
         self.retry_after = retry_after
+
+
+class EngineUnavailable(EngineError):
+    """TEMP"""
+
+    code = "engine_unavailable"
+
+    def __init__(self, reason: str, retry_after: int = 2):
+        super().__init__(reason)
+        self.retry_after = retry_after

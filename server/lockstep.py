@@ -1,8 +1,8 @@
 """The engine's MLX work on its batch and prefix cache, as a few plain-data operations.
 
 `Steps` is the one place where the engine touches mlx-lm's `BatchGenerator` and
-the LRU prefix cache: open a batch for a model, admit a prompt, step, remove,
-extract and save caches. Every argument is plain data (token lists, numbers), so
+the prefix cache (`prefix_cache.PrefixCache`): open a batch for a model, admit a
+prompt, step, remove, extract and save caches. Every argument is plain data (token lists, numbers), so
 in a distributed group rank 0's `Steps` records each operation and sends the list
 to the other ranks before each batch step (`Link`, in `distributed.py`); their
 `Steps` replay it. Every rank then runs the same MLX calls in the same order, so
@@ -28,20 +28,17 @@ class Diverged(RuntimeError):
 class Steps:
     """The batch and prefix cache of the engine thread (engine-thread only)."""
 
-    def __init__(self, *, stream, max_batch_size: int, prefill_step_size: int, prompt_cache_bytes: int,
-                 prompt_cache_entries: int, link=None):
-        from mlx_lm.models.cache import LRUPromptCache
-
+    def __init__(self, *, stream, prefix_cache, max_batch_size: int, prefill_step_size: int, link=None):
         self.stream = stream
-        self.settings = dict(max_batch_size=max_batch_size, prefill_step_size=prefill_step_size,
-                             prompt_cache_bytes=prompt_cache_bytes, prompt_cache_entries=prompt_cache_entries)
+        self.prefix_cache = prefix_cache
         self.max_batch_size = max_batch_size
         self.prefill_step_size = prefill_step_size
-        self.prompt_cache_bytes = prompt_cache_bytes
-        self.prompt_cache = LRUPromptCache(max_size=prompt_cache_entries, max_bytes=prompt_cache_bytes)
         self.link = link  # rank 0 of a group: where the operations go
         self.batch = None
-        self.model_name: Optional[str] = None
+        self.lm = None  # the LoadedModel the batch runs
+        # A group's prefix caches stay in RAM: what a disk tier holds depends on its writer's timing.
+        self.settings = dict(max_batch_size=max_batch_size, prefill_step_size=prefill_step_size,
+                             ram_bytes=prefix_cache.ram_bytes, ram_entries=prefix_cache.ram_entries)
         # The followers build their Steps from rank 0's settings.
         self._pending: list[tuple] = [("setup", self.settings)] if link is not None else []
         # Caches taken out of the batch (removed, extracted, finished) until saved or the next step.
@@ -62,9 +59,9 @@ class Steps:
             self._pending.append((op, *args))
 
     # Operations -------------------------------------------------------
-    def open(self, name: str, model, seed: Optional[int] = None) -> None:
-        """A fresh batch for `model`. In a group rank 0 draws the seed that every rank
-        starts sampling from, so sampled tokens are the same on every rank."""
+    def open(self, lm, seed: Optional[int] = None) -> None:
+        """A fresh batch for `lm` (a LoadedModel). In a group rank 0 draws the seed that
+        every rank starts sampling from, so sampled tokens are the same on every rank."""
         import mlx.core as mx
         from mlx_lm.generate import BatchGenerator
 
@@ -73,10 +70,10 @@ class Steps:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
         if seed is not None:
             mx.random.seed(seed)
-        self._record("open", name, None, seed)
-        self.model_name = name
+        self._record("open", lm.name, seed)
+        self.lm = lm
         self.batch = BatchGenerator(
-            model,
+            lm.model,
             completion_batch_size=self.max_batch_size,
             prefill_batch_size=self.max_batch_size,
             prefill_step_size=self.prefill_step_size,
@@ -86,14 +83,14 @@ class Steps:
     def close(self) -> None:
         if self.batch is not None:
             self._record("close")
-            batch, self.batch, self.model_name = self.batch, None, None
+            batch, self.batch, self.lm = self.batch, None, None
             self._held.clear()
             batch.close()
 
-    def clear(self) -> None:
-        """Drop every saved prefix (a model is unloaded, or the engine starts over)."""
-        self._record("clear")
-        self.prompt_cache.trim_to(n_sequences=0)
+    def spill(self) -> None:
+        """Move every saved prefix out of RAM (to disk, if there is a disk tier): a model unloads."""
+        self._record("spill")
+        self.prefix_cache.spill()
 
     def admit(self, tokens: list[int], checkpoints: dict[int, str], max_tokens: int, sampling: dict,
               stop: list[tuple[int, ...]], expect: Optional[tuple[int, int]] = None) -> tuple[int, int]:
@@ -106,7 +103,7 @@ class Steps:
         from mlx_lm.generate import StopSequences
         from mlx_lm.sample_utils import make_logits_processors
 
-        cache, rest = _fetch_cache(self.prompt_cache, self.model_name, tokens)
+        cache, rest = self.prefix_cache.fetch(self.lm, tokens)
         n_cached = len(tokens) - len(rest)
         cuts = {n: kind for n, kind in checkpoints.items() if n > n_cached}
         if sampling.get("seed") is not None:
@@ -163,17 +160,11 @@ class Steps:
         return {uid: len(tokens) for uid, (_, tokens) in caches.items()}
 
     def save(self, uid: int, kind: str = "assistant") -> None:
-        """Keep a held cache for later prefix hits. It is evaluated now: a cache
-        taken from the batch is a lazy copy that would otherwise hold the batch's
-        whole buffers alive, outside the byte budget, until first used."""
-        import mlx.core as mx
-
+        """Keep a held cache for later prefix hits."""
         self._record("save", uid, kind)
         cache, tokens = self._held.pop(uid)
-        with self._collective():  # the cache may wait on a step still running across the group
-            mx.eval([c.state for c in cache])
-        self.prompt_cache.insert_cache(self.model_name, list(tokens), cache, cache_type=kind)
-        self.prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes - self.batch.prompt_cache_nbytes)
+        with self._collective():  # evaluating it may wait on a step still running across the group
+            self.prefix_cache.save(self.lm, tokens, cache, kind)
 
     def idle(self) -> None:
         """Nothing to step: a group's rank 0 still sends what it recorded (a heartbeat
@@ -183,35 +174,19 @@ class Steps:
             self._pending = []
 
     # Follower side ----------------------------------------------------
-    def replay(self, ops: list[tuple], model) -> None:
-        """Run rank 0's operations here, with this rank's shard of the model."""
+    def replay(self, ops: list[tuple], lm) -> None:
+        """Run rank 0's operations here, with this rank's shard of the model (`lm`)."""
         for op, *args in ops:
             if op == "open":
-                name, _, seed = args
-                self.open(name, model, seed)
+                name, seed = args
+                if name != lm.name:
+                    raise Diverged(f"rank 0 opened a batch for {name}; this rank holds {lm.name}")
+                self.open(lm, seed)
             elif op == "admit":
                 *call, expect = args
                 self.admit(*call, expect=expect)
             else:
                 getattr(self, op)(*args)
-
-
-def _fetch_cache(prompt_cache, model_name: str, tokens: list[int]):
-    """The longest cached prefix, always leaving at least one token to feed the model.
-
-    A cache that cannot be trimmed (rotating, recurrent) cannot give back its
-    last token, so a prompt it covers whole resumes from a shorter checkpoint.
-    """
-    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-    cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens)
-    if cache is not None and not rest:
-        if can_trim_prompt_cache(cache):
-            trim_prompt_cache(cache, 1)
-            return cache, tokens[-1:]
-        cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens[:-1])
-        rest = rest + tokens[-1:]
-    return cache, rest
 
 
 def _segments(tokens: list[int], n_cached: int, checkpoints: dict[int, Any]) -> list[list[int]]:
