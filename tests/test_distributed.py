@@ -239,3 +239,35 @@ def test_serve_distributed_outside_a_launch_says_how_to_start(random_model):
                           str(random_model)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "mlxd launch --hosts" in out.stderr
+
+
+def test_launcher_command_runs_mlxd_with_this_python_and_serve_gets_distributed():
+    import argparse
+
+    from mlxd.server.launch import launcher_command
+
+    args = argparse.Namespace(hosts="10.0.0.1,10.0.0.2", n=1, hostfile=None, backend="ring", starting_port=5000,
+                              env=["A=1"], python=None)
+    cmd = launcher_command(args, ["--", "serve", "--model", "m"])
+    assert cmd[cmd.index("--hosts") + 1] == "10.0.0.1,10.0.0.2" and cmd[cmd.index("--backend") + 1] == "ring"
+    assert cmd[cmd.index("--python") + 1] == sys.executable
+    assert cmd[cmd.index("--env") + 1] == "A=1" and cmd[cmd.index("--starting-port") + 1] == "5000"
+    assert cmd[-6:] == ["-m", "mlxd.server.cli", "serve", "--distributed", "--model", "m"]
+    hostfile = argparse.Namespace(**{**vars(args), "hostfile": "hosts.json", "backend": None})
+    cmd = launcher_command(hostfile, ["doctor"])
+    assert "--hosts" not in cmd and cmd[cmd.index("--hostfile") + 1] == "hosts.json" and "--backend" not in cmd
+    assert cmd[-3:] == ["-m", "mlxd.server.cli", "doctor"]
+
+
+def test_model_digest_follows_config_and_weight_sizes(tmp_path):
+    from mlxd.server.distributed import model_digest
+
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
+    first = model_digest(tmp_path)
+    assert model_digest(tmp_path) == first
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 11)
+    assert model_digest(tmp_path) != first
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "config.json").write_text('{"a": 2}')
+    assert model_digest(tmp_path) != first
