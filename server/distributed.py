@@ -1,6 +1,6 @@
 """One model across several machines with MLX's own distributed backend.
 
-Every rank of an `mlx.launch` group loads its shard of the model (`shard_model`:
+Every rank of an `mlx.launch` group loads its shard of the model (`load_shard`:
 tensor parallel or a pipeline of layers, as mlx-lm's models offer). Rank 0 runs
 the HTTP server and the engine; the engine's batch and prefix-cache operations go
 through `lockstep.Steps`, which records them as plain data and, before each batch
@@ -35,7 +35,6 @@ from .errors import EngineError, EngineUnavailable
 
 log = logging.getLogger("mlxd.distributed")
 
-SHARDS = ("tensor", "pipeline")
 # Rank 0 broadcasts at least this often while idle, so a lost rank shows between requests too.
 HEARTBEAT_S = 1.0
 # After failing the requests, how long rank 0 lets the server write the errors out before exiting.
@@ -233,7 +232,6 @@ class Link:
         self.timeout = timeout
         self.on_lost = on_lost
         self.last_done = time.monotonic()  # the last broadcast that completed
-        self.sent = 0
         self.closed = False  # rank 0 stopped the group: silence is expected now
         self._watchdog: Optional[threading.Thread] = None
 
@@ -257,7 +255,6 @@ class Link:
         except Exception as e:
             self.lost(e)
             raise GroupLost(str(e)) from e
-        self.sent += 1
 
     def lost(self, error: Exception) -> None:
         """An MLX collective failed (a peer closed its sockets): the group is broken."""

@@ -2,12 +2,12 @@
 
 `Steps` is the one place where the engine touches mlx-lm's `BatchGenerator` and
 the prefix cache (`prefix_cache.PrefixCache`): open a batch for a model, admit a
-prompt, step, remove, extract and save caches. Every argument is plain data (token lists, numbers), so
-in a distributed group rank 0's `Steps` records each operation and sends the list
-to the other ranks before each batch step (`Link`, in `distributed.py`); their
-`Steps` replay it. Every rank then runs the same MLX calls in the same order, so
-the model's collectives pair up, and holds the same batch and prefix cache. On
-one machine nothing is recorded.
+prompt, step, remove, extract and save caches. Every argument is plain data
+(token lists, numbers), so in a distributed group rank 0's `Steps` records each
+operation and sends the list to the other ranks before each batch step (`Link`,
+in `distributed.py`); their `Steps` replay it. Every rank then runs the same MLX
+calls in the same order, so the model's collectives pair up, and holds the same
+batch and prefix cache. On one machine nothing is recorded.
 """
 
 from __future__ import annotations
