@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -109,10 +110,14 @@ def _grammar_error(grammar: str, tokenizer=None) -> str:
     from llguidance import LLMatcher
 
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-    if is_error:
-        return messages[0]
     # An unimplemented keyword is only a warning when llguidance would ignore it.
-    return next((m for m in messages if "Unimplemented" in m), "")
+    message = messages[0] if is_error else next((m for m in messages if "Unimplemented" in m), "")
+    # "at 1(8): failed to compile JSON schema: WHY\n<the grammar>" -> "WHY"
+    message = message.split("\n")[0]
+    message = re.sub(r"^at \d+\(\d+\): (failed to compile JSON schema: )?", "", message)
+    if message.startswith("oneOf constraints are not supported"):  # llguidance takes disjoint ones only
+        message = "oneOf whose branches may overlap is not supported (use anyOf)"
+    return message
 
 
 def _json_rule(name: str, schema: dict) -> str:
@@ -138,17 +143,23 @@ def _lit(vocab: dict, text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def response_grammar(fmt: ResponseFormat, vocab: dict, think: Optional[tuple[str, str]], starts_in_reasoning: bool) -> str:
+def response_grammar(
+    fmt: ResponseFormat, vocab: dict, format_name: Optional[str], think: Optional[tuple[str, str]],
+    starts_in_reasoning: bool,
+) -> str:
     """The grammar of a whole response: free reasoning where the model has a
-    think block (the JSON starts after it ends), then JSON."""
-    rules = _json_rule("body", response_schema(fmt))
+    think block or an analysis channel (the JSON starts after it ends), then JSON."""
+    rules = _json_rule("body", response_schema(fmt)) + 'REASONING: /(.|\\n)*/\nGAP: /[ \\n]{0,2}/\n'
+    lit = functools.partial(_lit, vocab)
+    if format_name == "harmony":  # the prompt ends with "<|start|>assistant"
+        analysis = f'{lit("<|channel|>")} "analysis" {lit("<|message|>")} REASONING {lit("<|end|>")} {lit("<|start|>")} "assistant"'
+        return f'start: ({analysis})? {lit("<|channel|>")} "final" {lit("<|message|>")} body\n' + rules
     if think is None:
         return "start: body\n" + rules
-    open_, close = (_lit(vocab, t) for t in think)
-    free = 'REASONING: /(.|\\n)*/\nGAP: /[ \\n]{0,2}/\n'
+    open_, close = lit(think[0]), lit(think[1])
     if starts_in_reasoning:
-        return f"start: REASONING {close} GAP body\n" + free + rules
-    return f"start: (({open_} REASONING {close} GAP) | \"\") body\n" + free + rules
+        return f"start: REASONING {close} GAP body\n" + rules
+    return f"start: ({open_} REASONING {close} GAP)? body\n" + rules
 
 
 def _tool_schemas(tools: list[dict], tool_choice: Any) -> list[tuple[str, dict]]:
@@ -213,7 +224,8 @@ def tool_grammar(format_name: str, vocab: dict, tools: list[dict], tool_choice: 
         elif format_name == "llama3_json":
             head, call = _s(f'{json.dumps(name)[1:-1]}", "parameters": '), f'{args} "}}"'
         elif format_name == "mistral_json":
-            head, call = _s(f'{json.dumps(name)[1:-1]}", "arguments": '), f'{args} "}}]"'
+            # Mistral's template gives each call a 9-character id; models write it too.
+            head, call = _s(f'{json.dumps(name)[1:-1]}", "arguments": '), f'{args} CALL_ID? "}}]"'
         elif format_name == "mistral":
             head, call = f"{_s(name)} {lit('[ARGS]')}", args
         elif format_name == "harmony":
@@ -236,6 +248,8 @@ def tool_grammar(format_name: str, vocab: dict, tools: list[dict], tool_choice: 
         alts.append(call if named else f"{head} {call}")
     if not alts:
         return None
+    if format_name == "mistral_json":
+        rules += 'CALL_ID: /, "id": "[A-Za-z0-9]{9}"/\n'
     return "start: " + " | ".join(f"({a})" for a in alts) + "\n" + rules
 
 
@@ -355,12 +369,16 @@ def processor_for(
     tools' schemas; otherwise `response_format` constrains the content."""
     if forced and tools and tool_format:
         bridge = _compiled(tokenizer)
-        grammar = tool_grammar(tool_format, bridge.vocab, tools, tool_choice)
-        if grammar is None:
+        try:
+            grammar = tool_grammar(tool_format, bridge.vocab, tools, tool_choice)
+            if grammar is None:
+                return None
+            return GrammarProcessor(matcher(tokenizer, grammar, param="tools"), bridge.eos)
+        except InvalidSchema as e:  # the call is still forced, as before: only its arguments run free
+            log.warning("forced tool call left unconstrained: %s", e)
             return None
-        return GrammarProcessor(matcher(tokenizer, grammar, param="tools"), bridge.eos)
     if response_format is None:
         return None
     bridge = _compiled(tokenizer)
-    grammar = response_grammar(response_format, bridge.vocab, think, starts_in_reasoning)
+    grammar = response_grammar(response_format, bridge.vocab, tool_format, think, starts_in_reasoning)
     return GrammarProcessor(matcher(tokenizer, grammar), bridge.eos)

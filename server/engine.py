@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from .errors import ContextLengthExceeded, EngineError, InternalError, InvalidPrompt, ModelLoadFailed, QueueFull
 from .events import Failure, Finish, ReasoningDelta, TokenLogprob, Usage
+from . import constrained
 from .models import LoadedModel, load_model
 from .output import OutputParser, forced_prefix, output_format_for
 from .prompt import build_prompt
@@ -78,6 +79,8 @@ class GenerationRequest:
     request_id: str = ""
     door: str = "chat"
     client: str = "other"
+    # Content constrained to JSON (a `constrained.ResponseFormat`); None: free text.
+    response_format: Optional[Any] = None
 
 
 @dataclass(frozen=True)
@@ -395,6 +398,18 @@ class Engine:
             presence_penalty=req.sampling.presence_penalty,
             frequency_penalty=req.sampling.frequency_penalty,
         )
+        grammar = constrained.processor_for(
+            tokenizer,
+            response_format=req.response_format,
+            tool_format=fmt.name,
+            tools=tools,
+            tool_choice=req.tool_choice,
+            forced=bool(prefix),
+            think=(fmt.think_start, fmt.think_end) if fmt.think_start and fmt.think_end else None,
+            starts_in_reasoning=prompt.starts_in_reasoning,
+        )
+        if grammar is not None:  # last, so that no bias can bring back a token it masked
+            processors = [*processors, grammar]
         (uid,) = self._batch.insert_segments(
             segments=[_segments(prompt.tokens, n_cached, checkpoints)],
             max_tokens=[max_tokens],
@@ -409,7 +424,7 @@ class Engine:
             tools=tools,
             tool_choice=req.tool_choice,
             parallel_tool_calls=req.parallel_tool_calls,
-            stop=req.stop,
+            stop=req.stop if req.response_format is None else (),  # a stop string must not cut the JSON
             starts_in_reasoning=prompt.starts_in_reasoning,
             prefix=prefix,
         )

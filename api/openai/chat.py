@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
+from mlxd.server import constrained
 from mlxd.server.engine import Accepted, GenerationRequest, RequestHandle, SamplingParams
 from mlxd.server.events import (
     ContentDelta,
@@ -25,7 +26,7 @@ from mlxd.server.events import (
 
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit
 from ..errors import error_body
-from .protocol import ChatCompletionRequest
+from .protocol import ChatCompletionRequest, ResponseFormat
 
 router = APIRouter()
 
@@ -79,7 +80,19 @@ def to_generation_request(body: ChatCompletionRequest, ref) -> GenerationRequest
         ),
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs or 0,
+        response_format=response_format_of(body.response_format),
     )
+
+
+def response_format_of(fmt: Optional[ResponseFormat]) -> Optional[constrained.ResponseFormat]:
+    """The engine's constraint; a schema that cannot be enforced raises InvalidSchema (400) here."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return constrained.ResponseFormat("json_object")
+    spec = fmt.json_schema
+    schema = constrained.check_schema(spec.schema_, param="response_format.json_schema.schema")
+    return constrained.ResponseFormat("json_schema", schema, spec.name)
 
 
 def usage_dict(usage: Usage) -> dict:
