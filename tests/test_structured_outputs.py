@@ -144,13 +144,13 @@ def test_sdk_parse_with_a_pydantic_model(server, structured_models):
 
 def test_json_object_mode_returns_an_object(server, structured_models):
     model = structured_models["chatml"]
-    # Left free, a random model's strings never end; bias the closers so the object does.
-    bias = {str(token_id(model, t)): 20 for t in ('"', "}", "]")}
+    # Left free, a random model's strings never end; a bias on the quote ends them.
+    bias = {str(token_id(model, '"')): 20}
     response = server.client().chat.completions.create(
         model=str(model), messages=ASK, max_tokens=MAX_TOKENS, seed=5, logit_bias=bias,
         response_format={"type": "json_object"},
     )  # fmt: skip
-    assert response.choices[0].finish_reason == "stop"
+    assert response.choices[0].finish_reason == "stop", response.choices[0].message.content
     assert isinstance(json.loads(response.choices[0].message.content), dict)
 
 
@@ -233,7 +233,7 @@ def test_reasoning_stays_free_and_the_json_follows(server, structured_models, fa
     starts where reasoning ends, so the reasoning is the random model's noise."""
     model = structured_models[family]
     closer = {"glm47": "</think>", "harmony": "<|end|>"}[family]
-    bias = {str(token_id(model, closer)): 13}
+    bias = {str(token_id(model, closer)): 10}
     if family == "harmony":
         bias[str(token_id(model, "<|channel|>"))] = 20
     schema = SCHEMAS["enum-and-const"]
