@@ -147,12 +147,14 @@ class Bench:
             "cached_tokens": usage.prompt_tokens_details.cached_tokens,
         }
 
-    def light_decode(self, n_tokens: int) -> float:
+    def light_decode(self, n_tokens: int, response_format: dict | None = None) -> float:
         """Decode tokens/s through the server, read by a minimal SSE client
         (httpx and json.loads): the openai SDK's per-chunk parsing shares the
         CPU with the model on a small machine and shows up as server time."""
         body = {"model": self.model_name, "messages": STORY, "max_tokens": n_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}, "logit_bias": self.served_no_eos}
+        if response_format:
+            body["response_format"] = response_format
         first = last = None
         completion_tokens = 0
         with httpx.stream("POST", self.server.base_url + "/v1/chat/completions", json=body, timeout=120) as r:
@@ -167,6 +169,17 @@ class Bench:
                     completion_tokens = chunk["usage"]["completion_tokens"]
         assert completion_tokens == n_tokens
         return (completion_tokens - 1) / (last - first)
+
+    def timed_first_chunk(self, response_format: dict) -> float:
+        """Seconds from the request to its one token's finish (max_tokens=1)."""
+        body = {"model": self.model_name, "messages": STORY, "max_tokens": 1, "temperature": 0,
+                "stream": True, "response_format": response_format}
+        start = time.perf_counter()
+        with httpx.stream("POST", self.server.base_url + "/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"finish_reason":"' in line:
+                    return time.perf_counter() - start
+        raise RuntimeError("no output")
 
     def concurrent(self, n: int, max_tokens: int) -> float:
         """Aggregate decode tokens/s of n simultaneous streams with distinct prompts."""
@@ -261,6 +274,80 @@ def concurrency_rows(bench: Bench, max_tokens: int) -> list[tuple]:
     return rows
 
 
+def _schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+
+
+def structured_rows(bench: Bench, n_tokens: int, rounds: int) -> list[tuple]:
+    """Constrained decoding: decode tokens/s of a stream held inside a JSON string
+    (the mask allows almost every token, so it is computed in full each step) over
+    the same stream unconstrained; time to first token with a grammar compiled
+    cold and cached (same prompt, prefix-cached, so the grammar is the difference);
+    and, in this process, compile time and the per-token cost of the mask."""
+    from mlxd.server import constrained
+
+    story = _schema_format({"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]})
+    bench.light_decode(4, story)
+    free, held = [], []
+    for _ in range(rounds):
+        free.append(bench.light_decode(n_tokens))
+        held.append(bench.light_decode(n_tokens, story))
+    free_tps, held_tps = statistics.median(free), statistics.median(held)
+
+    def tools_schema(i: int) -> dict:  # ten tool-shaped objects: a grammar worth compiling
+        tools = opencode_like_tools()
+        props = {f"{t['function']['name']}_{i}": t["function"]["parameters"] for t in tools}
+        return {"type": "object", "properties": props, "required": list(props)[:1], "additionalProperties": False}
+
+    def ttft(schema: dict) -> float:
+        return bench.timed_first_chunk(_schema_format(schema))
+
+    ttft(tools_schema(-1))  # the prompt is cached from here on
+    cold, cached = [], []
+    for i in range(rounds):
+        cold.append(ttft(tools_schema(i)))
+        cached.append(ttft(tools_schema(i)))
+
+    compile_s, copy_s = [], []
+    for i in range(rounds):
+        grammar = constrained.response_grammar(
+            constrained.ResponseFormat("json_schema", tools_schema(1000 + i)), {}, None, None, False
+        )
+        start = time.perf_counter()
+        constrained.matcher(bench.tokenizer, grammar)
+        compile_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        constrained.matcher(bench.tokenizer, grammar)
+        copy_s.append(time.perf_counter() - start)
+    mask_us = _mask_cost_us(bench, constrained, story["json_schema"]["schema"])
+    return [
+        ("decode tokens/s, unconstrained (minimal SSE client)", f"{free_tps:.1f}", f"median of {rounds}: {_list(free)}"),
+        ("decode tokens/s, inside a JSON-schema string", f"{held_tps:.1f}",
+         f"ratio {held_tps / free_tps:.3f}; {_list(held)}"),
+        ("TTFT, new grammar (10 tool-shaped objects)", _ms(statistics.median(cold)), _list(v * 1000 for v in cold)),
+        ("TTFT, cached grammar", _ms(statistics.median(cached)),
+         f"x{statistics.median(cached) / statistics.median(cold):.2f} of new; {_list(v * 1000 for v in cached)}"),
+        ("grammar compile, in process (cold / cached copy)",
+         f"{statistics.median(compile_s) * 1000:.2f} ms", f"{statistics.median(copy_s) * 1000:.3f} ms cached"),
+        (f"mask per token, in process (vocabulary {len(bench.tokenizer)})", f"{mask_us:.0f} us",
+         "matcher advance + bitmask + MLX apply"),
+    ]
+
+
+def _mask_cost_us(bench: Bench, constrained, schema: dict, steps: int = 200) -> float:
+    """The grammar processor's own time per step, fed random tokens it allows."""
+    grammar = constrained.response_grammar(constrained.ResponseFormat("json_schema", schema), {}, None, None, False)
+    processor = constrained.GrammarProcessor(constrained.matcher(bench.tokenizer, grammar), [])
+    logits = mx.zeros((1, len(bench.tokenizer)))
+    tokens = mx.array([0])
+    start = time.perf_counter()
+    for _ in range(steps):
+        masked = processor(tokens, logits)
+        tokens = mx.random.categorical(masked)
+        mx.eval(tokens)
+    return (time.perf_counter() - start) / steps * 1e6
+
+
 def peak_rss_gb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -288,6 +375,7 @@ def main() -> int:
                         help="system prompt size of the agent turn; the ten tool schemas add about 3,600 "
                              "tokens with the random model's small vocabulary")
     parser.add_argument("--skip-agent", action="store_true", help="only the decode comparison")
+    parser.add_argument("--skip-structured", action="store_true", help="leave out constrained decoding")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as work:
         rows = measure(args, Path(work))
@@ -315,6 +403,8 @@ def measure(args: argparse.Namespace, work: Path) -> list[tuple]:
         if not args.skip_agent:
             rows += agent_rows(bench, args.system_tokens, args.rounds)
             rows += concurrency_rows(bench, args.decode_tokens)
+        if not args.skip_structured:
+            rows += structured_rows(bench, args.decode_tokens, args.rounds)
         memory = server.get("/health").json()["memory"]
         rows.append(("peak memory, raw mlx_lm (MLX)", f"{raw_peak:.2f} GB", ""))
         rows.append(("peak memory, mlxd (MLX)", f"{memory['mlx_peak_bytes'] / 1e9:.2f} GB",

@@ -34,6 +34,10 @@ log = logging.getLogger("mlxd.constrained")
 # JSON as models write it ({"a": 1, "b": 2}), with no free-running whitespace:
 # a model that may emit whitespace anywhere can emit it forever.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# The model picks its own tokens for text the grammar forces (llguidance would allow
+# only the canonical tokenization of it): a model's own spelling of `"}\n</tool_call>`
+# is as valid as any, and it is what the model means.
+GRAMMAR_OPTIONS = '%llguidance {"no_forcing": true}\n'
 # Keywords whose values JSON Schema counts as integers: 1.0 is as good as 1.
 _INTEGER_KEYWORDS = {
     "minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
@@ -304,7 +308,7 @@ def matcher(tokenizer, grammar: str, param: str = "response_format"):
         if template is not None:
             bridge.grammars.move_to_end(grammar)
             return template.deep_copy()
-    template = LLMatcher(bridge.llg, grammar, log_level=0)
+    template = LLMatcher(bridge.llg, GRAMMAR_OPTIONS + grammar, log_level=0)
     if template.is_error():
         raise InvalidSchema(f"the grammar could not be compiled: {template.get_error()}", param=param)
     with _lock:
