@@ -46,6 +46,8 @@ _INTEGER_KEYWORDS = {
 # Keywords whose values are data, not schemas: left as written.
 _DATA_KEYWORDS = {"const", "enum", "default", "examples"}
 _GRAMMAR_CACHE_SIZE = 64
+# llguidance's options for a relaxed grammar: unenforceable keywords left out, oneOf as anyOf.
+RELAXED = {"lenient": True, "coerce_one_of": True}
 NL = "\n"
 # Formats whose calls carry their arguments as one JSON object.
 _JSON_ARGUMENTS = ("json_tools", "llama3_json", "mistral_json", "mistral", "harmony")
@@ -60,11 +62,13 @@ class InvalidSchema(EngineError):
 
 @dataclass(frozen=True)
 class ResponseFormat:
-    """What the content must be: any JSON object, or JSON valid against `schema`."""
+    """What the content must be: any JSON object, or JSON valid against `schema`.
+    `validate`: the grammar is relaxed (see `check_schema`); check finished answers."""
 
     type: str  # "json_object" or "json_schema"
     schema: Optional[dict] = None
     name: str = ""
+    validate: bool = False
 
 
 # --- schemas ------------------------------------------------------------------
@@ -90,10 +94,15 @@ def normalize_schema(schema: Any) -> Any:
     return out
 
 
-def check_schema(schema: Any, param: str = "response_format") -> dict:
-    """The normalized schema, or InvalidSchema naming why it cannot be enforced:
-    not a valid JSON Schema, or a keyword a grammar cannot enforce token by token
-    (`not`, `if`/`then`/`else`, `uniqueItems`, ...). Pure: no model needed."""
+def check_schema(schema: Any, param: str = "response_format") -> tuple[dict, bool]:
+    """The normalized schema ready to compile, and whether its grammar is relaxed.
+
+    A keyword no grammar can enforce token by token (`not`, `if`/`then`/`else`,
+    `uniqueItems`, `contains`, overlapping `oneOf`, ...) relaxes the grammar: it
+    leaves that keyword out (oneOf becomes anyOf), and the finished answer must be
+    checked with `validate` (the schema carries llguidance's options for that).
+    InvalidSchema names why a schema cannot be used at all: not valid JSON Schema,
+    a remote `$ref`, an unsatisfiable schema. Pure: no model needed."""
     import jsonschema
     from llguidance import LLMatcher
 
@@ -105,17 +114,34 @@ def check_schema(schema: Any, param: str = "response_format") -> dict:
     except jsonschema.SchemaError as e:
         raise InvalidSchema(f"invalid JSON Schema: {e.message}", param=param) from None
     error = _grammar_error(LLMatcher.grammar_from_lark(_json_rule("start", schema)))
-    if error:
+    if not error:
+        return schema, False
+    relaxed = {**schema, "x-guidance": {**(schema.get("x-guidance") or {}), **RELAXED}}
+    if _grammar_error(LLMatcher.grammar_from_lark(_json_rule("start", relaxed)), relaxed=True):
         raise InvalidSchema(f"schema not supported for constrained decoding: {error}", param=param)
-    return schema
+    return relaxed, True
 
 
-def _grammar_error(grammar: str, tokenizer=None) -> str:
+def validate(schema: dict, text: str) -> Optional[str]:
+    """Why `text` is not JSON valid against `schema`; None when it is."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        return f"not JSON: {e}"
+    error = jsonschema.exceptions.best_match(
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema).iter_errors(value)
+    )
+    return None if error is None else f"{error.message} (at {error.json_path})"
+
+
+def _grammar_error(grammar: str, relaxed: bool = False) -> str:
     from llguidance import LLMatcher
 
-    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar)
     # An unimplemented keyword is only a warning when llguidance would ignore it.
-    message = messages[0] if is_error else next((m for m in messages if "Unimplemented" in m), "")
+    message = messages[0] if is_error else "" if relaxed else next((m for m in messages if "Unimplemented" in m), "")
     # "at 1(8): failed to compile JSON schema: WHY\n<the grammar>" -> "WHY"
     message = message.split("\n")[0]
     message = re.sub(r"^at \d+\(\d+\): (failed to compile JSON schema: )?", "", message)
@@ -175,7 +201,8 @@ def _tool_schemas(tools: list[dict], tool_choice: Any) -> list[tuple[str, dict]]
         if not name or (isinstance(tool_choice, dict) and name != tool_choice["function"]["name"]):
             continue
         params = function.get("parameters") or {"type": "object", "properties": {}}
-        out.append((name, check_schema(params, param="tools")))
+        # A relaxed grammar still gets the call's shape and most of its arguments right.
+        out.append((name, check_schema(params, param="tools")[0]))
     return out
 
 
