@@ -366,21 +366,19 @@ class GrammarProcessor:
         if self.started and not m.is_stopped():
             m.consume_token(int(tokens[-1].item()))
         self.started = True
+        width = logits.shape[-1]
         if m.is_error():
             if not self.failed:
                 log.error("grammar matcher failed (%s); ending the answer", m.get_error())
                 self.failed = True
-            allowed = mx.zeros(logits.shape[-1], dtype=mx.bool_)
-            allowed[mx.array(self.eos)] = True
+            allowed = np.zeros(width, dtype=bool)
+            allowed[self.eos] = True
         else:
-            words = mx.array(np.frombuffer(m.compute_bitmask(), dtype=np.int32))
-            bits = (words[:, None] >> mx.arange(32, dtype=mx.int32)) & 1
-            allowed = bits.reshape(-1).astype(mx.bool_)
-            width = logits.shape[-1]
-            if allowed.size < width:
-                allowed = mx.concatenate([allowed, mx.zeros(width - allowed.size, dtype=mx.bool_)])
-            allowed = allowed[:width]
-        return mx.where(allowed, logits, mx.array(-float("inf"), dtype=logits.dtype))
+            bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
+            allowed = np.zeros(width, dtype=bool)
+            n = min(width, bits.size)
+            allowed[:n] = bits[:n]
+        return mx.where(mx.array(allowed), logits, mx.array(-float("inf"), dtype=logits.dtype))
 
 
 def processor_for(
