@@ -319,7 +319,21 @@ def structured_rows(bench: Bench, n_tokens: int, rounds: int) -> list[tuple]:
         start = time.perf_counter()
         constrained.matcher(bench.tokenizer, grammar)
         copy_s.append(time.perf_counter() - start)
-    mask_us = _mask_cost_us(bench, constrained, story["json_schema"]["schema"])
+
+    from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
+
+    grammar = constrained.response_grammar(
+        constrained.ResponseFormat("json_schema", story["json_schema"]["schema"]), {}, None, None, False
+    )
+    small = constrained.matcher(bench.tokenizer, grammar)
+    for token in bench.tokenizer.encode('{"story": "', add_special_tokens=False):
+        small.consume_token(token)
+    small_us = _mask_cost_us(small, bench.tokenizer.convert_tokens_to_ids("a"), len(bench.tokenizer))
+    vocabulary = SyntheticVocabulary()
+    big = LLMatcher(LLTokenizer(TokenizerWrapper(vocabulary)), constrained.GRAMMAR_OPTIONS + grammar)
+    for token in b'{"story": "':
+        big.consume_token(token)
+    big_us = _mask_cost_us(big, ord("a"), len(vocabulary.tokens))
     return [
         ("decode tokens/s, unconstrained (minimal SSE client)", f"{free_tps:.1f}", f"median of {rounds}: {_list(free)}"),
         ("decode tokens/s, inside a JSON-schema string", f"{held_tps:.1f}",
@@ -329,25 +343,48 @@ def structured_rows(bench: Bench, n_tokens: int, rounds: int) -> list[tuple]:
          f"x{statistics.median(cached) / statistics.median(cold):.2f} of new; {_list(v * 1000 for v in cached)}"),
         ("grammar compile, in process (cold / cached copy)",
          f"{statistics.median(compile_s) * 1000:.2f} ms", f"{statistics.median(copy_s) * 1000:.3f} ms cached"),
-        (f"mask per token, in process (vocabulary {len(bench.tokenizer)})", f"{mask_us:.0f} us",
-         "matcher advance + bitmask + MLX apply"),
+        (f"grammar processor per token, vocabulary {len(bench.tokenizer)}", f"{small_us:.0f} us",
+         "in a JSON string: advance + full bitmask + MLX apply"),
+        (f"grammar processor per token, vocabulary {len(vocabulary.tokens)} (synthetic)", f"{big_us:.0f} us", ""),
     ]
 
 
-def _mask_cost_us(bench: Bench, constrained, schema: dict, steps: int = 200) -> float:
-    """The grammar processor's own time per step (advance, bitmask, MLX apply),
-    fed random tokens it allows; the sampling is not timed."""
-    grammar = constrained.response_grammar(constrained.ResponseFormat("json_schema", schema), {}, None, None, False)
-    processor = constrained.GrammarProcessor(constrained.matcher(bench.tokenizer, grammar), [])
-    logits = mx.zeros((1, len(bench.tokenizer)))
-    tokens, spent = mx.array([0]), 0.0
+def _mask_cost_us(matcher, letter: int, width: int, steps: int = 200) -> float:
+    """The grammar processor's time per step inside a JSON string (the matcher has
+    read `{"story": "`), where nearly every token is allowed: advance by one letter,
+    compute the full bitmask, apply it to the logits."""
+    from mlxd.server import constrained
+
+    processor = constrained.GrammarProcessor(matcher, [])
+    processor.started = True  # each call advances the matcher by the last token: a letter
+    logits = mx.zeros((1, width))
+    tokens = mx.array([letter])
+    start = time.perf_counter()
     for _ in range(steps):
-        start = time.perf_counter()
-        masked = processor(tokens, logits)
-        mx.eval(masked)
-        spent += time.perf_counter() - start
-        tokens = mx.random.categorical(masked)
-    return spent / steps * 1e6
+        mx.eval(processor(tokens, logits))
+    return (time.perf_counter() - start) / steps * 1e6
+
+
+class SyntheticVocabulary:
+    """A byte-level vocabulary of `size` tokens (every byte, then random text pieces):
+    the mask's cost at the size of real models' vocabularies (Qwen: 151,936)."""
+
+    def __init__(self, size: int = 151_936, seed: int = 0):
+        import random
+
+        rng, alphabet = random.Random(seed), "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-.,:;'()/\n"
+        pieces = {bytes([b]) for b in range(256)}
+        self.tokens = [bytes([b]) for b in range(256)]
+        while len(self.tokens) < size - 1:
+            piece = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 9))).encode()
+            if piece not in pieces:
+                pieces.add(piece)
+                self.tokens.append(piece)
+        self.tokens.append(b"<eos>")
+        self.eos_token_id, self.bos_token_id, self.special_token_ids = size - 1, None, [size - 1]
+
+    def __call__(self, text) -> list[int]:
+        return list(text if isinstance(text, bytes) else text.encode())
 
 
 def peak_rss_gb(pid: int) -> float:

@@ -307,7 +307,8 @@ class _Compiled:
         backend = copy(backend)
         backend.no_padding()
         backend.no_truncation()
-        self.eos = sorted(tokenizer.eos_token_ids)
+        # mlx-lm's eos_token_ids: the tokenizer's and generation_config.json's end tokens.
+        self.eos = sorted(set(tokenizer.eos_token_ids) | {tokenizer.eos_token_id} - {None})
         self.llg = LLTokenizer(backend.to_str(), eos_token=self.eos)
         self.vocab = hf.get_vocab()
         self.grammars: OrderedDict[str, Any] = OrderedDict()
@@ -375,9 +376,9 @@ class GrammarProcessor:
             allowed[self.eos] = True
         else:
             bits = np.unpackbits(np.frombuffer(m.compute_bitmask(), dtype=np.uint8), bitorder="little")
-            allowed = np.zeros(width, dtype=bool)
-            n = min(width, bits.size)
-            allowed[:n] = bits[:n]
+            if bits.size < width:  # logits past the tokenizer's vocabulary (padding rows)
+                bits = np.concatenate([bits, np.zeros(width - bits.size, dtype=np.uint8)])
+            allowed = bits[:width].view(np.bool_)
         return mx.where(mx.array(allowed), logits, mx.array(-float("inf"), dtype=logits.dtype))
 
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from . import constrained
 from .errors import ContextLengthExceeded, EngineError, InternalError, InvalidPrompt, ModelLoadFailed, QueueFull
 from .events import Failure, Finish, ReasoningDelta, TokenLogprob, Usage
-from . import constrained
 from .models import LoadedModel, load_model
 from .output import OutputParser, forced_prefix, output_format_for
 from .prompt import build_prompt
@@ -79,8 +79,8 @@ class GenerationRequest:
     request_id: str = ""
     door: str = "chat"
     client: str = "other"
-    # Content constrained to JSON (a `constrained.ResponseFormat`); None: free text.
-    response_format: Optional[Any] = None
+    # Content constrained to JSON; None: free text.
+    response_format: Optional[constrained.ResponseFormat] = None
 
 
 @dataclass(frozen=True)

@@ -350,7 +350,21 @@ def test_forced_tool_calls_validate_in_every_format(server, structured_models, f
     jsonschema.validate(json.loads(calls[0].function.arguments), PARAMETERS[name])
 
 
-# --- pure functions ----------------------------------------------------------
+# --- in process --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["glm47", "harmony", "llama3"])
+def test_every_end_token_of_the_model_may_end_a_grammar(structured_models, family):
+    """The tokenizer's end token and generation_config.json's list."""
+    from mlx_lm import load
+
+    path = structured_models[family]
+    _, tokenizer = load(str(path))
+    ends = json.loads((path / "generation_config.json").read_text())["eos_token_id"]
+    expected = set(ends) | {tokenizer_of(path).eos_token_id}
+    bridge = constrained._compiled(tokenizer)
+    assert set(bridge.eos) == expected == set(bridge.llg.eos_tokens)
+    assert len(expected) > 1
 
 
 def test_normalize_schema_makes_integer_valued_floats_integers():
