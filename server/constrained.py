@@ -27,6 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from . import tool_formats
 from .errors import EngineError
 
 log = logging.getLogger("mlxd.constrained")
@@ -49,6 +50,9 @@ _GRAMMAR_CACHE_SIZE = 64
 # llguidance's options for a relaxed grammar: unenforceable keywords left out, oneOf as anyOf.
 RELAXED = {"lenient": True, "coerce_one_of": True}
 NL = "\n"
+# Formats whose calls open with one token (which plain text cannot spell, so free text
+# and a call are told apart by it).
+_OPENED_BY_TOKEN = ("json_tools", "mistral", "mistral_json", "qwen3_coder", "glm47")
 # Formats whose calls carry their arguments as one JSON object.
 _JSON_ARGUMENTS = ("json_tools", "llama3_json", "mistral_json", "mistral", "harmony")
 
@@ -173,23 +177,49 @@ def _lit(vocab: dict, text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _reasoning(lit, think: Optional[tuple[str, str]], starts_in_reasoning: bool) -> str:
+    """The free reasoning block a response may begin with, as a Lark expression ("" if none)."""
+    if think is None:
+        return ""
+    if starts_in_reasoning:
+        return f"REASONING {lit(think[1])} GAP"
+    return f"({lit(think[0])} REASONING {lit(think[1])} GAP)?"
+
+
+_FREE = 'REASONING: /(.|\\n)*/\nGAP: /[ \\n]{0,2}/\n'
+
+
 def response_grammar(
     fmt: ResponseFormat, vocab: dict, format_name: Optional[str], think: Optional[tuple[str, str]],
     starts_in_reasoning: bool,
 ) -> str:
     """The grammar of a whole response: free reasoning where the model has a
     think block or an analysis channel (the JSON starts after it ends), then JSON."""
-    rules = _json_rule("body", response_schema(fmt)) + 'REASONING: /(.|\\n)*/\nGAP: /[ \\n]{0,2}/\n'
+    rules = _json_rule("body", response_schema(fmt)) + _FREE
     lit = functools.partial(_lit, vocab)
     if format_name == "harmony":  # the prompt ends with "<|start|>assistant"
         analysis = f'{lit("<|channel|>")} "analysis" {lit("<|message|>")} REASONING {lit("<|end|>")} {lit("<|start|>")} "assistant"'
         return f'start: ({analysis})? {lit("<|channel|>")} "final" {lit("<|message|>")} body\n' + rules
-    if think is None:
-        return "start: body\n" + rules
-    open_, close = lit(think[0]), lit(think[1])
-    if starts_in_reasoning:
-        return f"start: REASONING {close} GAP body\n" + rules
-    return f"start: ({open_} REASONING {close} GAP)? body\n" + rules
+    return f"start: {_reasoning(lit, think, starts_in_reasoning)} body\n" + rules
+
+
+def strict_tools_grammar(
+    format_name: str, vocab: dict, tools: list[dict], think: Optional[tuple[str, str]], starts_in_reasoning: bool
+) -> Optional[str]:
+    """tool_choice "auto" with a `strict` function: text and reasoning run free, and a
+    call, once the model opens one, is held to the offered tools' schemas. Only for
+    formats whose calls open with a token that plain text cannot spell."""
+    tf = tool_formats.lookup(format_name)
+    if format_name not in _OPENED_BY_TOKEN or tf is None or tf.start not in vocab:
+        return None
+    calls = tool_grammar(format_name, vocab, tools, "required")
+    if calls is None:
+        return None
+    lit = functools.partial(_lit, vocab)
+    opening = " ".join([lit(tf.start)] + ([_s(tf.required_prefix[len(tf.start):])] if tf.required_prefix != tf.start else []))
+    head = _reasoning(lit, think, starts_in_reasoning)
+    return (f"start: {head} TEXT ({opening} call TEXT)*\nTEXT: /(.|\\n)*/\n" + _FREE
+            + calls.replace("start:", "call:", 1))
 
 
 def _tool_schemas(tools: list[dict], tool_choice: Any) -> list[tuple[str, dict]]:
@@ -396,7 +426,9 @@ def processor_for(
     """The request's grammar processor, or None when nothing constrains it.
 
     A forced tool call (the prompt ends with its opening) is constrained to the
-    tools' schemas; otherwise `response_format` constrains the content."""
+    tools' schemas; under tool_choice "auto", a `strict` function holds every call
+    the model opens to the tools' schemas; otherwise `response_format` constrains
+    the content."""
     if forced and tools and tool_format:
         bridge = _compiled(tokenizer)
         try:
@@ -407,6 +439,14 @@ def processor_for(
         except InvalidSchema as e:  # the call is still forced, as before: only its arguments run free
             log.warning("forced tool call left unconstrained: %s", e)
             return None
+    strict = any((t.get("function") or {}).get("strict") for t in tools or ())
+    if strict and tool_choice == "auto" and tool_format and response_format is None:
+        bridge = _compiled(tokenizer)
+        grammar = strict_tools_grammar(tool_format, bridge.vocab, tools, think, starts_in_reasoning)
+        if grammar is None:
+            log.warning("strict tools are not enforced for tool-call format %s", tool_format)
+            return None
+        return GrammarProcessor(matcher(tokenizer, grammar, param="tools"), bridge.eos)
     if response_format is None:
         return None
     bridge = _compiled(tokenizer)

@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from mlxd.server import constrained
-from scripts.testmodels import FAMILIES, build_random_model
+from scripts.testmodels import FAMILIES, build_random_model, build_scripted_model
 from tests.ground_truth import ground_truth_prompt_tokens, tokenizer_of
 from tests.server_process import ServerProcess
 
@@ -68,11 +68,21 @@ def structured_models(tmp_path_factory):
     return {family: build_random_model(root / family, template=family, context_length=2048) for family in FAMILIES}
 
 
+# A model that writes text, then a call whose arguments break the tool's schema.
+STRICT_SCRIPT = 'Let me run it.\n<tool_call>\n{"name": "bash", "arguments": {"command": 42}}\n</tool_call>'
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, structured_models):
-    args = [a for path in structured_models.values() for a in ("--model", str(path))]
+def strict_model(tmp_path_factory):
+    return build_scripted_model(tmp_path_factory.mktemp("strict") / "strict-chatml", STRICT_SCRIPT).path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, structured_models, strict_model):
+    paths = [*structured_models.values(), strict_model]
+    args = [a for path in paths for a in ("--model", str(path))]
     server = ServerProcess(
-        tmp_path_factory.mktemp("structured-logs"), args + ["--max-loaded-models", str(len(structured_models))]
+        tmp_path_factory.mktemp("structured-logs"), args + ["--max-loaded-models", str(len(paths))]
     ).start()
     yield server
     server.stop()
@@ -348,6 +358,27 @@ def test_forced_tool_calls_validate_in_every_format(server, structured_models, f
     name = calls[0].function.name
     assert name in PARAMETERS and (choice == "required" or name == choice)
     jsonschema.validate(json.loads(calls[0].function.arguments), PARAMETERS[name])
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_strict_tools_hold_calls_under_auto(server, strict_model, strict):
+    """tool_choice auto: the text before the call is the model's own; with `strict` the
+    call it opens gets arguments valid against the tool's parameters."""
+    tool = {"type": "function", "function": {**TOOLS[0]["function"], "strict": strict}}
+    response = server.client().chat.completions.create(
+        model=str(strict_model), messages=ASK, tools=[tool], max_tokens=200, temperature=0
+    )
+    message = response.choices[0].message
+    assert message.content == "Let me run it."
+    assert [c.function.name for c in message.tool_calls] == ["bash"]
+    arguments = json.loads(message.tool_calls[0].function.arguments)
+    if strict:
+        jsonschema.validate(arguments, PARAMETERS["bash"])
+        assert response.choices[0].finish_reason == "tool_calls"
+    else:
+        assert arguments == {"command": 42}  # what the model wrote, which the schema refuses
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(arguments, PARAMETERS["bash"])
 
 
 # --- in process --------------------------------------------------------------
