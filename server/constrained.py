@@ -3,8 +3,11 @@
 A request that asks for JSON (`response_format`) or forces a tool call gets a
 Lark grammar (llguidance's dialect, with `%json {schema}` for JSON Schema) that
 describes everything the model may write after its prompt: a free reasoning block
-where the model has one, then the JSON; or, after a forced call's opening, the
-rest of the call in the family's own syntax. The grammar is compiled once per
+where the model has one, then the JSON; after a forced call's opening, the rest of
+the call in the family's own syntax; or, for `strict` tools under tool_choice
+"auto", free text in which every call the model opens is held to the tools'
+schemas. Keywords no grammar enforces token by token relax the grammar, and the
+finished answer is then checked (`validate`; api/validated.py regenerates). The grammar is compiled once per
 tokenizer and cached; each request copies the compiled matcher, and a logits
 processor in mlx-lm's batch masks every token the grammar does not allow, so the
 request decodes in the same batch step as unconstrained ones. End-of-turn tokens
