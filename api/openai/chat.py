@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import AsyncIterator, Callable, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -49,12 +49,16 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
 async def _validated(body: ChatCompletionRequest, request: Request, generation: GenerationRequest):
     """A schema the grammar enforces only in part: the answer is whole and valid before it is sent."""
-    answer, accepted = await validated_answer(request, generation)
-    if answer is None:
+    handle, accepted = await submit(request, generation)  # a request the engine refuses is refused here
+    if accepted is None:
         return JSONResponse(error_body("client disconnected", 499), status_code=499)
     response = ChatResponse(body, accepted)
+    answer = validated_answer(request, generation, handle)
     if body.stream:
-        return _event_stream(_stream(response, _replay(answer)))
+        return _event_stream(_stream(response, _replay(answer), handle.cancel))
+    answer = await answer
+    if answer is None:
+        return JSONResponse(error_body("client disconnected", 499), status_code=499)
     return _answer_response(response, answer)
 
 
@@ -216,8 +220,11 @@ async def _stream(response: ChatResponse, batches: AsyncIterator, cancel: Callab
         cancel()  # no-op once finished; stops generation if the client left
 
 
-async def _replay(answer: Answer) -> AsyncIterator[Union[list, Finish, Failure]]:
-    """A whole answer as `batched` would deliver it."""
+async def _replay(answer: Awaitable[Optional[Answer]]) -> AsyncIterator[Union[list, Finish, Failure]]:
+    """A whole answer, once it is known, as `batched` would deliver it."""
+    answer = await answer
+    if answer is None:  # the client went away
+        return
     events = [ReasoningDelta(text) for text in answer.reasoning] + list(answer.logprobs)
     events += [ContentDelta(text) for text in answer.content]
     if events:
