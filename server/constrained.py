@@ -113,8 +113,10 @@ def check_schema(schema: Any, param: str = "response_format") -> tuple[dict, boo
     import jsonschema
     from llguidance import LLMatcher
 
+    if schema is True:  # JSON Schema's "anything"
+        schema = {}
     if not isinstance(schema, dict):
-        raise InvalidSchema("the schema must be a JSON object", param=param)
+        raise InvalidSchema("the schema must be a JSON object (or true)", param=param)
     schema = normalize_schema(schema)
     try:
         jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)

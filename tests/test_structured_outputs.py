@@ -419,3 +419,6 @@ def test_check_schema_relaxes_what_a_grammar_cannot_enforce():
     assert constrained.validate(schema, "[1,") .startswith("not JSON")
     with pytest.raises(constrained.InvalidSchema, match="invalid JSON Schema"):
         constrained.check_schema({"type": 5})
+    assert constrained.check_schema(True) == ({}, False)
+    with pytest.raises(constrained.InvalidSchema, match="JSON object"):
+        constrained.check_schema(False)

@@ -65,7 +65,7 @@ class JsonSchemaFormat(_Open):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     name: str = "response"
     description: Optional[str] = None
-    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    schema_: Union[dict[str, Any], bool, None] = Field(None, alias="schema")
     strict: Optional[bool] = None
 
 
