@@ -102,6 +102,22 @@ def normalize_schema(schema: Any) -> Any:
 
 
 def check_schema(schema: Any, param: str = "response_format") -> tuple[dict, bool]:
+    """`_check_schema`, remembered: agents send the same schemas with every request."""
+    try:
+        key = json.dumps(schema)  # key order kept: properties are written in schema order
+    except (TypeError, ValueError):
+        return _check_schema(schema, param)
+    checked, relaxed = _checked(key, param)
+    return json.loads(checked), relaxed
+
+
+@functools.lru_cache(maxsize=256)
+def _checked(key: str, param: str) -> tuple[str, bool]:
+    schema, relaxed = _check_schema(json.loads(key), param)
+    return json.dumps(schema), relaxed
+
+
+def _check_schema(schema: Any, param: str) -> tuple[dict, bool]:
     """The normalized schema ready to compile, and whether its grammar is relaxed.
 
     A keyword no grammar can enforce token by token (`not`, `if`/`then`/`else`,
