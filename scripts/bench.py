@@ -98,12 +98,13 @@ class Bench:
         self.raw_no_eos = make_logits_processors({t: -1e9 for t in eos})
         self.served_no_eos = {str(t): -100 for t in eos}
 
-    def raw_decode(self, n_tokens: int) -> float:
-        """Decode tokens/s of mlx-lm itself, in this process."""
+    def raw_decode(self, n_tokens: int, processor=None) -> float:
+        """Decode tokens/s of mlx-lm itself, in this process (with one more logits processor)."""
         prompt = self.tokenizer.apply_chat_template(STORY, add_generation_prompt=True)
         last = None
         for last in stream_generate(
-            self.model, self.tokenizer, prompt, max_tokens=n_tokens, logits_processors=self.raw_no_eos
+            self.model, self.tokenizer, prompt, max_tokens=n_tokens,
+            logits_processors=self.raw_no_eos + ([processor] if processor else []),
         ):
             pass
         assert last.generation_tokens == n_tokens
@@ -281,7 +282,8 @@ def _schema_format(schema: dict) -> dict:
 def structured_rows(bench: Bench, n_tokens: int, rounds: int) -> list[tuple]:
     """Constrained decoding: decode tokens/s of a stream held inside a JSON string
     (the mask allows almost every token, so it is computed in full each step) over
-    the same stream unconstrained; time to first token with a grammar compiled
+    the same stream unconstrained, through the server and in this process with raw
+    mlx-lm; time to first token with a grammar compiled
     cold and cached (same prompt, prefix-cached, so the grammar is the difference);
     and, in this process, compile time and the per-token cost of the mask."""
     from mlxd.server import constrained
@@ -293,6 +295,18 @@ def structured_rows(bench: Bench, n_tokens: int, rounds: int) -> list[tuple]:
         free.append(bench.light_decode(n_tokens))
         held.append(bench.light_decode(n_tokens, story))
     free_tps, held_tps = statistics.median(free), statistics.median(held)
+
+    def story_processor():
+        return constrained.processor_for(
+            bench.tokenizer, response_format=constrained.ResponseFormat("json_schema", story["json_schema"]["schema"]),
+            tool_format=None, tools=None, tool_choice="auto", forced=False, think=None, starts_in_reasoning=False,
+        )  # fmt: skip
+
+    raw_free, raw_held = [], []
+    for _ in range(rounds):
+        raw_free.append(bench.raw_decode(n_tokens))
+        raw_held.append(bench.raw_decode(n_tokens, story_processor()))
+    raw_ratio = statistics.median(raw_held) / statistics.median(raw_free)
 
     def tools_schema(i: int) -> dict:  # ten tool-shaped objects: a grammar worth compiling
         tools = opencode_like_tools()
@@ -338,6 +352,8 @@ def structured_rows(bench: Bench, n_tokens: int, rounds: int) -> list[tuple]:
         ("decode tokens/s, unconstrained (minimal SSE client)", f"{free_tps:.1f}", f"median of {rounds}: {_list(free)}"),
         ("decode tokens/s, inside a JSON-schema string", f"{held_tps:.1f}",
          f"ratio {held_tps / free_tps:.3f}; {_list(held)}"),
+        ("the same in process (mlx_lm, grammar processor or not)", f"{raw_ratio:.3f}",
+         f"ratio of medians; {_list(raw_free)} / {_list(raw_held)}"),
         ("TTFT, new grammar (10 tool-shaped objects)", _ms(statistics.median(cold)), _list(v * 1000 for v in cold)),
         ("TTFT, cached grammar", _ms(statistics.median(cached)),
          f"x{statistics.median(cached) / statistics.median(cold):.2f} of new; {_list(v * 1000 for v in cached)}"),
