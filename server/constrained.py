@@ -272,8 +272,7 @@ def _raw_value(rule: str, schema: dict) -> str:
     if values is not None:
         return f"{rule}: " + " | ".join(json.dumps(v, ensure_ascii=False) for v in values) + "\n"
     low, high = schema.get("minLength", 0), schema.get("maxLength")
-    bounds = f"{{{low},{high}}}" if high is not None else ("+" if low else "*")
-    return f"{rule.upper()}: /[^<\\n]{bounds}/\n{rule}: {rule.upper()}\n"
+    return f"{rule.upper()}: /[^<\\n]{{{low},{'' if high is None else high}}}/\n{rule}: {rule.upper()}\n"
 
 
 def _xml_params(prefix: str, params: dict, write_param) -> tuple[str, str]:
