@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from . import constrained
 from .errors import ContextLengthExceeded, EngineError, InternalError, InvalidPrompt, ModelLoadFailed, QueueFull
 from .events import Failure, Finish, ReasoningDelta, TokenLogprob, Usage
 from .ledger import RequestRecord
@@ -84,6 +85,8 @@ class GenerationRequest:
     client: str = "other"
     # The chat template's `enable_thinking` switch (Qwen3 and kin); None: its default.
     thinking: Optional[bool] = None
+    # Content constrained to JSON; None: free text.
+    response_format: Optional[constrained.ResponseFormat] = None
 
 
 @dataclass(frozen=True)
@@ -436,6 +439,18 @@ class Engine:
             presence_penalty=req.sampling.presence_penalty,
             frequency_penalty=req.sampling.frequency_penalty,
         )
+        grammar = constrained.processor_for(
+            tokenizer,
+            response_format=req.response_format,
+            tool_format=fmt.name,
+            tools=tools,
+            tool_choice=req.tool_choice,
+            forced=bool(prefix),
+            think=(fmt.think_start, fmt.think_end) if fmt.think_start and fmt.think_end else None,
+            starts_in_reasoning=prompt.starts_in_reasoning,
+        )
+        if grammar is not None:  # last, so that no bias can bring back a token it masked
+            processors = [*processors, grammar]
         (uid,) = self._batch.insert_segments(
             segments=[_segments(prompt.tokens, n_cached, checkpoints)],
             max_tokens=[max_tokens],
@@ -450,7 +465,7 @@ class Engine:
             tools=tools,
             tool_choice=req.tool_choice,
             parallel_tool_calls=req.parallel_tool_calls,
-            stop=req.stop,
+            stop=req.stop if req.response_format is None else (),  # a stop string must not cut the JSON
             starts_in_reasoning=prompt.starts_in_reasoning,
             prefix=prefix,
         )

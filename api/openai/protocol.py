@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class _Open(BaseModel):
@@ -61,6 +61,27 @@ class NamedToolChoice(_Open):
     function: NamedFunction
 
 
+class JsonSchemaFormat(_Open):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = "response"
+    description: Optional[str] = None
+    schema_: Union[dict[str, Any], bool, None] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Open):
+    """`text`, `json_object` (any JSON object) or `json_schema` (JSON valid against a schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self
+
+
 class StreamOptions(_Open):
     include_usage: bool = False
 
@@ -87,6 +108,7 @@ class ChatCompletionRequest(_Open):
     tools: Optional[list[Tool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool = True
+    response_format: Optional[ResponseFormat] = None
     n: int = Field(1, ge=1, le=1)
 
     @field_validator("stop")
