@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from mlxd.server.runtime import Runtime
 
-from .errors import BodySizeLimit, error_response, install_error_handlers
+from .engine_stream import RequestIds
+from .errors import BodySizeLimit, install_error_handlers
 from .openai import chat, models
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -24,12 +26,13 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     @app.get("/health")
     async def health(request: Request):
-        if not runtime.engine.healthy:
-            return error_response("the generation thread has stopped", 503, code="engine_down")
+        reason = runtime.engine.degraded_reason
+        if reason is not None:  # restarting after an engine error (or stopped): 503 until it serves again
+            return JSONResponse({"status": "degraded", "reason": reason}, status_code=503)
         return {
             "status": "ok",
             "loaded": [m["name"] for m in runtime.engine.loaded_models()],
             "memory": runtime.engine.memory(),
         }
 
-    return BodySizeLimit(app, max_body_bytes)
+    return RequestIds(BodySizeLimit(app, max_body_bytes))

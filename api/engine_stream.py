@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
 
@@ -33,9 +35,48 @@ KEEPALIVE_SECONDS = float(os.environ.get("MLXD_KEEPALIVE_SECONDS", "5"))
 DISCONNECT_POLL_SECONDS = 0.25
 
 
+# A client's own x-request-id is kept when it is a plain token (it goes into logs).
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(request: Request) -> str:
+    """This HTTP request's id: the client's `x-request-id` when it is a plain token,
+    else a new one. Kept on `request.state`, so the response (errors included)
+    sends it back as `x-request-id` (see `RequestIds`)."""
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        given = request.headers.get("x-request-id", "")
+        rid = given if _CLIENT_REQUEST_ID.fullmatch(given) else f"req_{uuid.uuid4().hex[:24]}"
+        request.state.request_id = rid
+    return rid
+
+
+class RequestIds:
+    """ASGI middleware: every response carries the request's `x-request-id`."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = request_id(Request(scope))
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": headers + [(b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 async def submit(request: Request, generation: GenerationRequest) -> tuple[RequestHandle, Optional[Accepted]]:
-    """Queue a request; `accepted` is None when the client left while it waited."""
+    """Queue a request (naming it with `request_id` if the door did not); `accepted`
+    is None when the client left while it waited."""
     runtime: Runtime = request.app.state.runtime
+    if not generation.request_id:
+        generation.request_id = request_id(request)
     handle = runtime.engine.submit(generation, asyncio.get_running_loop())
     return handle, await wait_accepted(handle, request)
 
@@ -62,7 +103,7 @@ async def wait_accepted(handle: RequestHandle, request: Request) -> Optional[Acc
 async def batched(handle: RequestHandle) -> AsyncIterator[Union[list, Finish, Failure]]:
     """Group consecutive parsed events into lists (one wire chunk each), passing Finish/Failure alone."""
     while True:
-        events = await handle.events.get()
+        events = await handle.next_events()
         parsed = [e for e in events if not isinstance(e, (Finish, Failure))]
         if parsed:
             yield parsed

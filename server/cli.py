@@ -41,6 +41,18 @@ def _served_model(name: str, pull: bool) -> _ServedModel:
     return _ServedModel(resolved.served_name, resolved.path, local=False, tool_format=tool_format)
 
 
+def _preload_problem(preload: list[_ServedModel], max_loaded: int) -> str | None:
+    """Why the --model list cannot be served as given: a name twice, or more models than may be loaded."""
+    names = [ref.name for ref in preload]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        return f"--model names {', '.join(twice)} more than once (models are served under their directory or registry name)"
+    if len(preload) > max_loaded:
+        return (f"{len(preload)} --model given but --max-loaded-models is {max_loaded}; "
+                f"raise --max-loaded-models or load fewer models at start")
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -54,6 +66,10 @@ def _serve(args: argparse.Namespace) -> int:
     except registry.RegistryError as e:
         print(f"mlxd: {e}", file=sys.stderr)
         return 2
+    problem = _preload_problem(preload, args.max_loaded_models)
+    if problem:
+        print(f"mlxd: {problem}", file=sys.stderr)
+        return 2
     local = {ref.name: ref.path for ref in preload if ref.local}
     log.info("%s", describe(setup_blas()))  # timed before the engine starts loading models beside it
     engine = Engine(
@@ -63,10 +79,12 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         prompt_cache_bytes=int(args.prompt_cache_gb * (1 << 30)),
         trust_remote_code=args.trust_remote_code,
+        queue_timeout=args.queue_timeout,
+        client_timeout=args.client_timeout,
     )
     engine.start()
     runtime = Runtime(engine, local, pull_on_demand=args.pull)
-    for ref in preload[: args.max_loaded_models]:
+    for ref in preload:
         engine.preload(ModelRef(ref.name, ref.path, ref.tool_format))
     app = create_app(runtime, version=version())
     log.info("mlxd %s serving on http://%s:%d/v1", version(), args.host, args.port)
@@ -77,10 +95,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlxd", description="Local OpenAI-compatible LLM server on MLX.")
     parser.add_argument("--version", action="version", version=f"mlxd {version()}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
@@ -98,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch before 429")
     serve.add_argument("--prompt-cache-gb", type=float, default=4.0, help="memory budget of the prefix cache")
     serve.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from models")
+    # reliability
+    serve.add_argument("--queue-timeout", type=float, default=600.0,
+                       help="seconds a request may wait to start before it gets 503 (default: 600)")
+    serve.add_argument("--client-timeout", type=float, default=60.0,
+                       help="seconds a streaming client may stop reading before it is dropped (default: 60)")
+    serve.add_argument("--log-level", default=argparse.SUPPRESS, choices=_LOG_LEVELS,
+                       help="also accepted after the subcommand")
     serve.set_defaults(func=_serve)
     registry_cli.add_parsers(sub)
     doctor.add_parser(sub)

@@ -53,6 +53,19 @@ def sampling_defaults_of(path: Path) -> dict:
     return {k: config[k] for k in _SAMPLING_DEFAULT_KEYS if isinstance(config.get(k), (int, float))}
 
 
+def _keep_first_space(tokenizer) -> None:
+    """mlx-lm's byte-level BPE detokenizer drops the first space of an answer (an
+    SPM habit); in byte-level BPE that space is the model's text, so keep it."""
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+    class ExactBPEStreamingDetokenizer(BPEStreamingDetokenizer):
+        def _maybe_trim_space(self, current_text):
+            return current_text
+
+    if type(tokenizer._detokenizer) is BPEStreamingDetokenizer:
+        tokenizer._detokenizer.__class__ = ExactBPEStreamingDetokenizer
+
+
 def load_model(name: str, path: Path, trust_remote_code: bool = False) -> LoadedModel:
     """Load weights and tokenizer with mlx-lm, logging what loaded and how long it took."""
     from mlx.utils import tree_flatten
@@ -62,6 +75,7 @@ def load_model(name: str, path: Path, trust_remote_code: bool = False) -> Loaded
     log.info("loading model %s from %s", name, path)
     start = time.perf_counter()
     model, tokenizer = load(str(path), trust_remote_code=trust_remote_code)
+    _keep_first_space(tokenizer)
     seconds = time.perf_counter() - start
     loaded = LoadedModel(
         name=name,
@@ -81,3 +95,54 @@ def load_model(name: str, path: Path, trust_remote_code: bool = False) -> Loaded
         loaded.context_length,
     )
     return loaded
+
+
+# How long a failed load is answered from memory: the SDKs retry a 500 at once,
+# and each retry would otherwise evict and reload the working model.
+FAILED_LOAD_SECONDS = 30.0
+
+
+class FailedLoads:
+    """Models that failed to load recently, with the error to answer again."""
+
+    def __init__(self, seconds: float = FAILED_LOAD_SECONDS):
+        self.seconds = seconds
+        self._failed: dict[str, tuple[float, Exception]] = {}
+
+    def add(self, name: str, error: Exception) -> None:
+        self._failed[name] = (time.monotonic(), error)
+
+    def recent(self, name: str):
+        """The error of a load of `name` that failed less than `seconds` ago, else None."""
+        failed = self._failed.get(name)
+        if failed is None:
+            return None
+        at, error = failed
+        if time.monotonic() - at > self.seconds:
+            del self._failed[name]
+            return None
+        return error
+
+
+def weights_bytes(path: Path) -> int:
+    """Size of a model's weight files, what loading it will take at least."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def memory_available() -> int:
+    """Bytes a new model may still take: the GPU working set left on Metal, free RAM elsewhere."""
+    import os
+
+    import mlx.core as mx
+
+    info = mx.device_info()
+    if "max_recommended_working_set_size" in info:
+        return int(info["max_recommended_working_set_size"]) - mx.get_active_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
