@@ -437,8 +437,6 @@ class Engine:
             elif now - handle.submitted_at > self.queue_timeout:
                 self._waiting.remove(handle)
                 self._release(handle, QueueTimeout(now - handle.submitted_at))
-                log.warning("[%s] request gave up after %.0f s in the queue", handle.request.request_id,
-                            now - handle.submitted_at)
 
     def _admit_waiting(self) -> None:
         """Admit waiting requests in order; a request for another model waits for the batch to drain."""
