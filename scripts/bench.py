@@ -16,6 +16,10 @@ Measures, client side and streamed through a real server:
   * the same second turn of fresh conversations with and without a title
     request in between (medians over --rounds conversations each);
   * aggregate decode tokens/s with 1, 4 and 8 concurrent streams;
+  * decode tokens/s of one stream while another client keeps sending an
+    8k-token prompt, over the same stream alone. The big prompt's prefill is
+    cached beforehand, so what competes with decoding is building its prompt
+    (template, tokenization, checkpoints), which runs off the MLX thread;
   * peak memory: MLX's peak in this process and in the server (the server's
     includes its prefix cache, bounded by --prompt-cache-gb), and the server's RSS.
 Absolute numbers depend on the machine; compare the ratios.
@@ -261,6 +265,34 @@ def concurrency_rows(bench: Bench, max_tokens: int) -> list[tuple]:
     return rows
 
 
+def prompt_build_rows(bench: Bench, n_tokens: int, rounds: int, prompt_tokens: int = 8000) -> list[tuple]:
+    """One stream's decode speed alone and while another client sends a big prompt again and again."""
+    big = [{"role": "system", "content": system_prompt_of(prompt_tokens, bench.tokenizer)},
+           {"role": "user", "content": "Go on."}]
+    sent = bench.stream(big, max_tokens=1)  # from now on its prefill is a cache hit
+    bench.light_decode(4)
+    alone, beside, builds = [], [], []
+    for _ in range(rounds):
+        alone.append(bench.light_decode(n_tokens))
+        stop = threading.Event()
+
+        def send():
+            while not stop.is_set():
+                builds.append(bench.stream(big, max_tokens=1)["ttft"])
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        beside.append(bench.light_decode(n_tokens))
+        stop.set()
+        sender.join()
+    ratio = statistics.median(beside) / statistics.median(alone)
+    return [
+        ("decode tokens/s, one stream alone", f"{statistics.median(alone):.1f}", f"median of {rounds}: {_list(alone)}"),
+        (f"decode tokens/s, beside {sent['prompt_tokens']}-token prompts", f"{statistics.median(beside):.1f}",
+         f"ratio {ratio:.2f}; {_list(beside)}; {len(builds)} prompts, median {_ms(statistics.median(builds))} each"),
+    ]
+
+
 def peak_rss_gb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -288,6 +320,8 @@ def main() -> int:
                         help="system prompt size of the agent turn; the ten tool schemas add about 3,600 "
                              "tokens with the random model's small vocabulary")
     parser.add_argument("--skip-agent", action="store_true", help="only the decode comparison")
+    parser.add_argument("--only-prompt-build", action="store_true",
+                        help="only decode beside a big prompt's build")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as work:
         rows = measure(args, Path(work))
@@ -309,12 +343,15 @@ def measure(args: argparse.Namespace, work: Path) -> list[tuple]:
     server = ServerProcess(work, ["--model", str(model_dir), "--keep-alive", "-1"]).start()
     try:
         bench = Bench(server, model_dir)
+        if args.only_prompt_build:
+            return prompt_build_rows(bench, args.decode_tokens, args.rounds)
         mx.reset_peak_memory()
         rows = decode_rows(bench, args.decode_tokens, args.rounds)
         raw_peak = mx.get_peak_memory() / 1e9
         if not args.skip_agent:
             rows += agent_rows(bench, args.system_tokens, args.rounds)
             rows += concurrency_rows(bench, args.decode_tokens)
+            rows += prompt_build_rows(bench, args.decode_tokens, args.rounds)
         memory = server.get("/health").json()["memory"]
         rows.append(("peak memory, raw mlx_lm (MLX)", f"{raw_peak:.2f} GB", ""))
         rows.append(("peak memory, mlxd (MLX)", f"{memory['mlx_peak_bytes'] / 1e9:.2f} GB",

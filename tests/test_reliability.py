@@ -324,3 +324,49 @@ def test_serve_refuses_duplicate_or_too_many_models_at_start(greeting_model, ran
     )
     assert done.returncode == 2
     assert ("more than once" if case == "duplicate" else "--max-loaded-models is 1") in done.stderr
+
+
+# A client that stops reading --------------------------------------------------------
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_generation_cancelled(long_model):
+    """In-process with the real engine: the HTTP server's socket buffers would take
+    megabytes of chunks before a stalled client held up the engine's queue."""
+    import asyncio
+
+    from mlxd.server.engine import Engine, GenerationRequest, ModelRef
+    from mlxd.server.events import Failure, Finish
+
+    engine = Engine(client_timeout=0.5, max_batch_size=1)
+    engine.start()
+    model = ModelRef("long", long_model)
+
+    async def read_one_then_stop():
+        handle = engine.submit(GenerationRequest(model, _messages("Count forever."), request_id="stalled"),
+                               asyncio.get_running_loop())
+        await asyncio.wait_for(handle.accepted, WAIT_S)
+        await asyncio.wait_for(handle.next_events(), WAIT_S)
+        deadline = time.monotonic() + WAIT_S
+        while handle.dropped is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # not reading
+        last = None
+        while last is None and time.monotonic() < deadline:
+            events = await asyncio.wait_for(handle.next_events(), WAIT_S)
+            last = next((e for e in events if isinstance(e, (Finish, Failure))), None)
+        # Its one slot is free again: the next request is served.
+        after = engine.submit(GenerationRequest(model, _messages("Hi."), max_tokens=2), asyncio.get_running_loop())
+        await asyncio.wait_for(after.accepted, WAIT_S)
+        done = None
+        while done is None:
+            events = await asyncio.wait_for(after.next_events(), WAIT_S)
+            done = next((e for e in events if isinstance(e, (Finish, Failure))), None)
+        return handle, last, done
+
+    try:
+        handle, last, done = asyncio.run(read_one_then_stop())
+    finally:
+        engine.stop()
+    assert "read nothing" in handle.dropped
+    assert isinstance(last, Failure) and last.message.startswith("dropped: the client read nothing")
+    assert last.usage.completion_tokens < 16384 - last.usage.prompt_tokens  # cancelled, not run to the end
+    assert isinstance(done, Finish) and done.usage.completion_tokens == 2
