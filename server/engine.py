@@ -17,20 +17,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import EngineError, EngineUnavailable, InternalError, QueueFull, QueueTimeout
+from .errors import EngineError, EngineUnavailable, InternalError
 from .events import Failure, Finish, ReasoningDelta, TokenLogprob, Usage
 from .model_slots import ModelSlots
 from .models import LoadedModel
 from .output import OutputParser
-from .prompt_builder import PromptBuilders
+from .scheduler import Scheduler
 
 log = logging.getLogger("mlxd.engine")
 
@@ -208,21 +206,15 @@ class Engine:
         self.prefill_step_size = prefill_step_size
         self.prompt_cache_bytes = prompt_cache_bytes
         self.prompt_cache_entries = prompt_cache_entries
-        self.queue_timeout = queue_timeout
         self.client_timeout = client_timeout
 
-        self._inbox: queue.Queue = queue.Queue()
-        self._waiting: deque[RequestHandle] = deque()
-        self._building: set[RequestHandle] = set()
-        self._in_flight = 0
-        self._count_lock = threading.Lock()
+        self._scheduler = Scheduler(max_in_flight=max_batch_size + max_queue, queue_timeout=queue_timeout)
         self._models = ModelSlots(max_loaded=max_loaded_models, keep_alive=keep_alive,
                                   trust_remote_code=trust_remote_code, on_unload=self._on_unload)
         self._current: Optional[LoadedModel] = None
         self._batch = None
         self._active: dict[int, _Active] = {}
         self._prompt_cache = None
-        self._builders = PromptBuilders(lambda handle, result: self._inbox.put(("built", handle, result)))
         self._degraded: Optional[str] = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mlxd-engine", daemon=True)
@@ -234,9 +226,9 @@ class Engine:
 
     def stop(self) -> None:
         self._stopping = True
-        self._inbox.put(None)
+        self._scheduler.inbox.put(None)
         self._thread.join(timeout=30)
-        self._builders.close()
+        self._scheduler.close()
 
     @property
     def healthy(self) -> bool:
@@ -251,7 +243,7 @@ class Engine:
 
     def preload(self, ref: ModelRef) -> None:
         """Load a model in the engine thread now rather than on first use."""
-        self._inbox.put(("load", ref))
+        self._scheduler.inbox.put(("load", ref))
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:
         """Queue a request; raises QueueFull when active and waiting slots are all taken,
@@ -259,12 +251,8 @@ class Engine:
         reason = self.degraded_reason
         if reason is not None:
             raise EngineUnavailable(reason)
-        with self._count_lock:
-            if self._in_flight >= self.max_batch_size + self.max_queue:
-                raise QueueFull(retry_after=2)
-            self._in_flight += 1
         handle = RequestHandle(request, loop)
-        self._inbox.put(handle)
+        self._scheduler.submit(handle)
         return handle
 
     def loaded_models(self) -> list[dict]:
@@ -303,14 +291,17 @@ class Engine:
             try:
                 self._iterate()
             except Exception as e:
-                self._fail_everything(e)
+                try:
+                    self._fail_everything(e)
+                except Exception:
+                    log.exception("failing the requests after an engine error raised too")
                 self._recover()
         self._active.clear()
         self._close_batch()
 
     def _iterate(self) -> None:
-        self._take_inbox(block=not self._active and not self._waiting)
-        self._expire_waiting()
+        self._take_inbox(block=not self._active and not self._scheduler.waiting)
+        self._scheduler.expire()
         self._admit_waiting()
         if self._active:
             self._step_safely()
@@ -329,23 +320,8 @@ class Engine:
         log.exception("engine error outside any one request; failing every request and restarting")
         for uid, active in list(self._active.items()):
             self._finish(uid, active, Failure(f"the engine failed and restarts ({reason})", active.usage))
-        unavailable = EngineUnavailable(reason)
-        pending = list(self._waiting) + list(self._building)
-        self._waiting.clear()
-        self._building.clear()
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, RequestHandle):
-                pending.append(item)
-            elif isinstance(item, tuple) and item[0] == "built":
-                pending.append(item[1])
-            elif item is None:
-                self._stopping = True
-        for handle in pending:
-            self._release(handle, unavailable)
+        if not self._scheduler.fail_all(EngineUnavailable(reason)):
+            self._stopping = True
 
     def _recover(self) -> None:
         """Start over from nothing (models load again on next use), retrying with backoff."""
@@ -383,69 +359,23 @@ class Engine:
     # ------------------------------------------------------------------
     # Engine thread: requests in
     def _take_inbox(self, block: bool) -> None:
-        timeout = 1.0 if block else None
-        while True:
-            try:
-                item = self._inbox.get(block=block, timeout=timeout) if block else self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            block = False
+        for item in self._scheduler.take(block, self._models.get):
             if item is None:
                 return
-            if isinstance(item, RequestHandle):
-                self._arrived(item)
-            elif item[0] == "built":
-                self._built(item[1], item[2])
-            elif item[0] == "load":
-                try:
-                    self._ensure_loaded(item[1])
-                except EngineError as e:
-                    log.error("%s", e)
-
-    def _arrived(self, handle: RequestHandle) -> None:
-        """A new request: its prompt is built at once when its model is loaded,
-        otherwise once the model is (it waits in line for that)."""
-        lm = self._models.get(handle.request.model.name)
-        if lm is None:
-            self._waiting.append(handle)
-        else:
-            self._build(handle, lm)
-
-    def _build(self, handle: RequestHandle, lm: LoadedModel) -> None:
-        self._building.add(handle)
-        self._builders.build(handle, lm)
-
-    def _built(self, handle: RequestHandle, result) -> None:
-        self._building.discard(handle)
-        if handle.released:  # failed while it was being built
-            return
-        if isinstance(result, Exception):
-            self._release(handle, result)
-        else:
-            handle.prepared = result
-            self._waiting.append(handle)
-
-    def _expire_waiting(self) -> None:
-        """Requests that waited --queue-timeout seconds give up (503); the client
-        may have left too, and then its place goes to a new request."""
-        now = time.monotonic()
-        for handle in list(self._waiting):
-            if handle.cancelled:
-                self._waiting.remove(handle)
-                self._release(handle, None)
-                log.info("[%s] request cancelled by the client while queued", handle.request.request_id)
-            elif now - handle.submitted_at > self.queue_timeout:
-                self._waiting.remove(handle)
-                self._release(handle, QueueTimeout(now - handle.submitted_at))
+            try:
+                self._models.ensure(item[1])  # ("load", ref): the batch switches to it on first use
+            except EngineError as e:
+                log.error("%s", e)
 
     def _admit_waiting(self) -> None:
         """Admit waiting requests in order; a request for another model waits for the batch to drain."""
-        while self._waiting and len(self._active) < self.max_batch_size:
-            handle = self._waiting[0]
+        waiting = self._scheduler.waiting
+        while waiting and len(self._active) < self.max_batch_size:
+            handle = waiting[0]
             model_name = handle.request.model.name
             if self._active and self._current is not None and self._current.name != model_name:
                 return
-            self._waiting.popleft()
+            waiting.popleft()
             try:
                 lm = self._ensure_loaded(handle.request.model)  # other errors here are the engine's
             except EngineError as e:
@@ -453,7 +383,7 @@ class Engine:
                 continue
             try:
                 if handle.prepared is None:
-                    self._build(handle, lm)
+                    self._scheduler.build(handle, lm)
                 else:
                     self._admit(handle, lm)
             except EngineError as e:
@@ -463,15 +393,7 @@ class Engine:
                 self._release(handle, InternalError(f"could not start the request: {type(e).__name__}: {e}"))
 
     def _release(self, handle: RequestHandle, error: Optional[Exception]) -> None:
-        if handle.released:
-            return
-        handle.released = True
-        with self._count_lock:
-            self._in_flight -= 1
-        if error is not None:
-            log.warning("[%s] request refused (%s): %s", handle.request.request_id,
-                        getattr(error, "code", type(error).__name__), error)
-            handle._reject(error)
+        self._scheduler.release(handle, error)
 
     # ------------------------------------------------------------------
     # Engine thread: models

@@ -370,3 +370,26 @@ def test_a_client_that_stops_reading_is_dropped_and_its_generation_cancelled(lon
     assert isinstance(last, Failure) and last.message.startswith("dropped: the client read nothing")
     assert last.usage.completion_tokens < 16384 - last.usage.prompt_tokens  # cancelled, not run to the end
     assert isinstance(done, Finish) and done.usage.completion_tokens == 2
+
+
+def test_a_model_is_unloaded_only_after_the_next_one_loaded(tmp_path, greeting_model, random_model):
+    """In-process with real models: the model slots alone, one slot."""
+    from mlxd.server.engine import ModelRef
+    from mlxd.server.errors import ModelLoadFailed
+    from mlxd.server.model_slots import ModelSlots
+
+    broken = shutil.copytree(greeting_model.path, tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    unloads = []  # (model unloaded, models loaded at that moment)
+    slots = ModelSlots(max_loaded=1, keep_alive=-1, trust_remote_code=False,
+                       on_unload=lambda lm: unloads.append((lm.name, list(slots.loaded))))
+    slots.ensure(ModelRef("greeter", greeting_model.path))
+    with pytest.raises(ModelLoadFailed) as failed:
+        slots.ensure(ModelRef("broken", broken))
+    assert list(slots.loaded) == ["greeter"] and unloads == []  # the working model stays
+    with pytest.raises(ModelLoadFailed) as again:
+        slots.ensure(ModelRef("broken", broken))
+    assert again.value is failed.value  # remembered, not loaded again
+    slots.ensure(ModelRef("random", random_model))
+    assert unloads == [("greeter", ["random"])]  # unloaded once the new one was in
+    assert list(slots.loaded) == ["random"]
