@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
     serve.add_argument("--model", action="append",
                        help="a model to load at start: a registry name (qwen2.5-coder:7b), a repo id or a "
-                            "local model directory; repeatable")
+                            "local model directory; repeatable, up to --max-loaded-models")
     serve.add_argument("--pull", action="store_true",
                        help="download models that are not present, for --model and for requests (off by default)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
