@@ -11,13 +11,64 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import ModelLoadFailed
-from .models import FailedLoads, LoadedModel, load_model, memory_available, weights_bytes
+from .models import LoadedModel, load_model
 from .output import output_format_for
 
 log = logging.getLogger("mlxd.engine")
+
+# How long a failed load is answered from memory: the SDKs retry a 500 at once,
+# and each retry would otherwise evict and reload the working model.
+FAILED_LOAD_SECONDS = 30.0
+
+
+class FailedLoads:
+    """Models that failed to load recently, with the error to answer again."""
+
+    def __init__(self, seconds: float = FAILED_LOAD_SECONDS):
+        self.seconds = seconds
+        self._failed: dict[str, tuple[float, Exception]] = {}
+
+    def add(self, name: str, error: Exception) -> None:
+        self._failed[name] = (time.monotonic(), error)
+
+    def recent(self, name: str):
+        """The error of a load of `name` that failed less than `seconds` ago, else None."""
+        failed = self._failed.get(name)
+        if failed is None:
+            return None
+        at, error = failed
+        if time.monotonic() - at > self.seconds:
+            del self._failed[name]
+            return None
+        return error
+
+
+def weights_bytes(path: Path) -> int:
+    """Size of a model's weight files, what loading it will take at least."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def memory_available() -> int:
+    """Bytes a new model may still take: the GPU working set left on Metal, free RAM elsewhere."""
+    import os
+
+    import mlx.core as mx
+
+    info = mx.device_info()
+    if "max_recommended_working_set_size" in info:
+        return int(info["max_recommended_working_set_size"]) - mx.get_active_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class ModelSlots:
