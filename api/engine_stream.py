@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
@@ -35,24 +34,18 @@ KEEPALIVE_SECONDS = float(os.environ.get("MLXD_KEEPALIVE_SECONDS", "5"))
 DISCONNECT_POLL_SECONDS = 0.25
 
 
-# A client's own x-request-id is kept when it is a plain token (it goes into logs).
-_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
 def request_id(request: Request) -> str:
-    """This HTTP request's id: the client's `x-request-id` when it is a plain token,
-    else a new one. Kept on `request.state`, so the response (errors included)
-    sends it back as `x-request-id` (see `RequestIds`)."""
+    """This HTTP request's id (`req_...` unless a door named it); the response sends
+    it back as `x-request-id` (see `RequestIds`), errors included."""
     rid = getattr(request.state, "request_id", None)
     if rid is None:
-        given = request.headers.get("x-request-id", "")
-        rid = given if _CLIENT_REQUEST_ID.fullmatch(given) else f"req_{uuid.uuid4().hex[:24]}"
-        request.state.request_id = rid
+        rid = request.state.request_id = f"req_{uuid.uuid4().hex[:24]}"
     return rid
 
 
 class RequestIds:
-    """ASGI middleware: every response carries the request's `x-request-id`."""
+    """ASGI middleware: every response carries its request's id as `x-request-id`:
+    the id a door gave the generation (the response's own id), else a new one."""
 
     def __init__(self, app):
         self.app = app
@@ -60,22 +53,25 @@ class RequestIds:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = request_id(Request(scope))
+        state = scope.setdefault("state", {})
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                message = {**message, "headers": headers + [(b"x-request-id", rid.encode())]}
+                rid = state.get("request_id") or f"req_{uuid.uuid4().hex[:24]}"
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
         await self.app(scope, receive, send_with_id)
 
 
 async def submit(request: Request, generation: GenerationRequest) -> tuple[RequestHandle, Optional[Accepted]]:
-    """Queue a request (naming it with `request_id` if the door did not); `accepted`
-    is None when the client left while it waited."""
+    """Queue a request (named by `request_id` if the door did not name it; the
+    response's `x-request-id` is its name); `accepted` is None when the client left
+    while it waited."""
     runtime: Runtime = request.app.state.runtime
-    if not generation.request_id:
+    if generation.request_id:
+        request.state.request_id = generation.request_id
+    else:
         generation.request_id = request_id(request)
     handle = runtime.engine.submit(generation, asyncio.get_running_loop())
     return handle, await wait_accepted(handle, request)

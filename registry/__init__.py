@@ -3,6 +3,7 @@
 from .catalog import CATALOG, Family, Variant, families
 from .errors import NOT_FOUND, UNAVAILABLE, RegistryError
 from .hub import pull
+from .starter import STARTER
 from .store import LocalModel, ResolvedModel, config_context_length, directory_size, list_models, remove, resolve
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "LocalModel",
     "RegistryError",
     "ResolvedModel",
+    "STARTER",
     "Variant",
     "config_context_length",
     "directory_size",

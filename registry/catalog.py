@@ -294,6 +294,28 @@ _FAMILIES = (
         source="exo model list (2b/9b/27b x 4bit/8bit); mlx-swift-examples (2b/9b-4bit)",
     ),
     Family(
+        name="smollm2",
+        description="Hugging Face SmolLM2 small instruct models; 135m is mlxd's starter model",
+        context_length=8192,
+        tool_format=None,
+        reasoning=None,
+        default_size="1.7b",
+        default_quant="8bit",  # so that `smollm2:135m`, the starter, is the 8-bit conversion
+        variants=(
+            Variant("135m", "8bit", "mlx-community/SmolLM2-135M-Instruct-8bit"),
+            Variant("135m", "4bit", "mlx-community/SmolLM2-135M-Instruct-4bit"),
+            Variant("135m", "bf16", "mlx-community/SmolLM2-135M-Instruct"),
+            Variant("360m", "4bit", "mlx-community/SmolLM2-360M-Instruct-4bit"),
+            Variant("360m", "6bit", "mlx-community/SmolLM2-360M-Instruct-6bit"),
+            Variant("360m", "bf16", "mlx-community/SmolLM2-360M-Instruct"),
+            Variant("1.7b", "8bit", "mlx-community/SmolLM2-1.7B-Instruct-8bit"),
+            Variant("1.7b", "4bit", "mlx-community/SmolLM2-1.7B-Instruct-4bit"),
+            Variant("1.7b", "bf16", "mlx-community/SmolLM2-1.7B-Instruct"),
+        ),
+        source="public code, model lists and benchmark notes pinning each repo (135M-8bit and "
+        "360M-6bit with revisions); the unsuffixed repos are the bf16 conversions",
+    ),
+    Family(
         name="gemma-3",
         description="Google Gemma 3 instruction-tuned (-it) models, 128K context from 4b up",
         context_length=131072,

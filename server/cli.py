@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlxd import registry
+from mlxd.registry import starter
 
-from . import doctor, opencode, registry_cli
+from . import claude, codex, doctor, opencode, registry_cli, usage_cli
 from .blas import describe, load_blas, setup_blas
 
 log = logging.getLogger("mlxd")
@@ -30,6 +32,8 @@ class _ServedModel:
 
 def _served_model(name: str, pull: bool) -> _ServedModel:
     """A --model argument: a local directory, or a registry name that is (or gets) downloaded."""
+    if name == registry.STARTER:
+        return _ServedModel(name, starter.obtain_starter(), local=True)
     resolved = registry.resolve(name)
     if resolved.repo is None:
         return _ServedModel(resolved.served_name, resolved.path, local=True)
@@ -53,12 +57,30 @@ def _preload_problem(preload: list[_ServedModel], max_loaded: int) -> str | None
     return None
 
 
+def _starter(args: argparse.Namespace) -> tuple[Path | None, bool]:
+    """The starter's directory, and whether it is the default: it is (and is fetched once)
+    when no --model is given and nothing else is downloaded; otherwise a cached copy is
+    still served to requests that name it."""
+    if args.no_starter:
+        return None, False
+    if args.model or starter.other_models_downloaded():
+        return starter.cached_starter(), False
+    log.info("no models downloaded; serving the starter %s; mlxd pull qwen2.5-coder for a coding model",
+             registry.STARTER)
+    try:
+        return starter.obtain_starter(), True
+    except registry.RegistryError as e:
+        log.warning("the starter %s is unavailable: %s", registry.STARTER, e)
+        return None, False
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mlxd.api.app import create_app
 
     from .engine import Engine, ModelRef
+    from .ledger import Ledger
     from .runtime import Runtime
 
     try:
@@ -71,7 +93,19 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"mlxd: {problem}", file=sys.stderr)
         return 2
     local = {ref.name: ref.path for ref in preload if ref.local}
+    starter_path, starter_listed = _starter(args)
+    try:
+        aliases = claude.parse_aliases(args.alias or [], {arg: ref.name for arg, ref in zip(args.model or [], preload)})
+    except ValueError as e:
+        print(f"mlxd: {e}", file=sys.stderr)
+        return 2
     log.info("%s", describe(setup_blas()))  # timed before the engine starts loading models beside it
+    try:
+        ledger = Ledger(retention_days=args.usage_retention_days)
+    except (OSError, sqlite3.Error) as e:
+        print(f"mlxd: cannot open the usage ledger: {e} (MLXD_HOME chooses where it lives)", file=sys.stderr)
+        return 2
+    log.info("usage ledger: %s", ledger.path)
     engine = Engine(
         max_loaded_models=args.max_loaded_models,
         keep_alive=args.keep_alive,
@@ -81,17 +115,23 @@ def _serve(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         queue_timeout=args.queue_timeout,
         client_timeout=args.client_timeout,
+        on_request_end=ledger.record,
     )
     engine.start()
-    runtime = Runtime(engine, local, pull_on_demand=args.pull)
+    runtime = Runtime(engine, local, pull_on_demand=args.pull, starter=starter_path, starter_listed=starter_listed,
+                      aliases=aliases)
     for ref in preload:
         engine.preload(ModelRef(ref.name, ref.path, ref.tool_format))
-    app = create_app(runtime, version=version())
+    if starter_listed:  # no --model: the starter is what this server serves
+        engine.preload(ModelRef(registry.STARTER, starter_path))
+    app = create_app(runtime, version=version(), ledger=ledger)
+    ledger.start()  # after /metrics read what the ledger held, so its counters miss no row
     log.info("mlxd %s serving on http://%s:%d/v1", version(), args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     finally:
         engine.stop()
+        ledger.close()  # after the engine: the last requests' rows are stored too
     return 0
 
 
@@ -119,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch before 429")
     serve.add_argument("--prompt-cache-gb", type=float, default=4.0, help="memory budget of the prefix cache")
     serve.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from models")
+    # starter
+    serve.add_argument("--no-starter", action="store_true",
+                       help=f"do not serve the starter model {registry.STARTER} when nothing is downloaded")
+    # model aliases (Claude Code's fixed model names)
+    serve.add_argument("--alias", action="append", metavar="NAME=MODEL",
+                       help="answer requests for NAME with MODEL (a --model value or a served name), "
+                            "e.g. claude-haiku-4-5=qwen2.5-coder:1.5b; repeatable")
+    # usage ledger
+    serve.add_argument("--usage-retention-days", type=float, default=365,
+                       help="days the usage ledger keeps each request's row (default: 365)")
     # reliability
     serve.add_argument("--queue-timeout", type=float, default=600.0,
                        help="seconds a request may wait to start before it gets 503 (default: 600)")
@@ -130,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     registry_cli.add_parsers(sub)
     doctor.add_parser(sub)
     opencode.add_parser(sub)
+    codex.add_parser(sub)
+    claude.add_parser(sub)
+    usage_cli.add_parser(sub)
     return parser
 
 

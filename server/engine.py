@@ -21,10 +21,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .errors import EngineError, EngineUnavailable, InternalError
 from .events import Failure, Finish, ReasoningDelta, TokenLogprob, Usage
+from .ledger import RequestRecord
 from .model_slots import ModelSlots
 from .models import LoadedModel
 from .output import OutputParser
@@ -88,6 +89,8 @@ class GenerationRequest:
     request_id: str = ""
     door: str = "chat"
     client: str = "other"
+    # The chat template's `enable_thinking` switch (Qwen3 and kin); None: its default.
+    thinking: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ class RequestHandle:
         self.accepted: asyncio.Future = loop.create_future()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
-        self.submitted_at = time.monotonic()
+        self.submitted_at = time.perf_counter()  # for the queue timeout, the usage ledger's queue time and TTFT
+        self.submitted_wall = time.time()
         self.prepared = None  # prompt_builder.Prepared, once built
         self.dropped: Optional[str] = None  # why the engine dropped it, if it did
         self.released = False
@@ -200,6 +204,7 @@ class Engine:
         trust_remote_code: bool = False,
         queue_timeout: float = 600.0,
         client_timeout: float = 60.0,
+        on_request_end: Optional[Callable[[RequestRecord], None]] = None,
     ):
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -207,8 +212,12 @@ class Engine:
         self.prompt_cache_bytes = prompt_cache_bytes
         self.prompt_cache_entries = prompt_cache_entries
         self.client_timeout = client_timeout
+        # Called on the engine thread with one record per request, however it ends;
+        # it must only hand the record on (the usage ledger queues it for its writer).
+        self.on_request_end = on_request_end
 
-        self._scheduler = Scheduler(max_in_flight=max_batch_size + max_queue, queue_timeout=queue_timeout)
+        self._scheduler = Scheduler(max_in_flight=max_batch_size + max_queue, queue_timeout=queue_timeout,
+                                    on_release=self._record)
         self._models = ModelSlots(max_loaded=max_loaded_models, keep_alive=keep_alive,
                                   trust_remote_code=trust_remote_code, on_unload=self._on_unload)
         self._current: Optional[LoadedModel] = None
@@ -255,6 +264,22 @@ class Engine:
         self._scheduler.submit(handle)
         return handle
 
+    def prompt_format(self, name: str):
+        """The (tokenizer, OutputFormat) of loaded model `name`, or None; any thread may
+        render prompts with them (rendering and encoding do not change the tokenizer)."""
+        lm = self._models.get(name)
+        return (lm.tokenizer, lm.output_format) if lm is not None and lm.output_format is not None else None
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests submitted and not yet decoding (waiting or having their prompt built)."""
+        return max(0, self._scheduler.in_flight - len(self._active))
+
+    @property
+    def batch_size(self) -> int:
+        """Requests in the batch now (prefilling or decoding)."""
+        return len(self._active)
+
     def loaded_models(self) -> list[dict]:
         """Name, memory and idle time of each loaded model (a snapshot)."""
         now = time.monotonic()
@@ -296,6 +321,8 @@ class Engine:
                 except Exception:
                     log.exception("failing the requests after an engine error raised too")
                 self._recover()
+        for active in list(self._active.values()):  # the server is stopping under them
+            self._release(active.handle, None, outcome="cancelled", reason="shutdown", active=active)
         self._active.clear()
         self._close_batch()
 
@@ -379,7 +406,7 @@ class Engine:
             try:
                 lm = self._ensure_loaded(handle.request.model)  # other errors here are the engine's
             except EngineError as e:
-                self._release(handle, e)
+                self._release(handle, e, outcome="rejected", reason=e.code)
                 continue
             try:
                 if handle.prepared is None:
@@ -387,13 +414,25 @@ class Engine:
                 else:
                     self._admit(handle, lm)
             except EngineError as e:
-                self._release(handle, e)
+                self._release(handle, e, outcome="rejected", reason=e.code)
             except Exception as e:  # tied to this request: it alone fails
                 log.exception("[%s] could not start the request", handle.request.request_id)
-                self._release(handle, InternalError(f"could not start the request: {type(e).__name__}: {e}"))
+                self._release(handle, InternalError(f"could not start the request: {type(e).__name__}: {e}"),
+                              outcome="failed", reason=InternalError.code)
 
-    def _release(self, handle: RequestHandle, error: Optional[Exception]) -> None:
-        self._scheduler.release(handle, error)
+    def _release(self, handle: RequestHandle, error: Optional[Exception], *, outcome: str, reason: str,
+                 active: Optional[_Active] = None) -> None:
+        self._scheduler.release(handle, error, outcome=outcome, reason=reason, active=active)
+
+    def _record(self, handle: RequestHandle, error: Optional[Exception], outcome: str, reason: str,
+                active: Optional[_Active]) -> None:
+        """Hand the request's usage-ledger record on, once, however the request ended."""
+        if self.on_request_end is None:
+            return
+        try:
+            self.on_request_end(_ledger_record(handle, active, outcome, reason, error))
+        except Exception:
+            log.exception("[%s] could not hand the request's record to the usage ledger", handle.request.request_id)
 
     # ------------------------------------------------------------------
     # Engine thread: models
@@ -460,7 +499,7 @@ class Engine:
             parallel_tool_calls=req.parallel_tool_calls,
             stop=req.stop,
             starts_in_reasoning=prompt.starts_in_reasoning,
-            prefix=prepared.prefix,
+            prefix=prompt.suffix,
         )
         (uid,) = self._batch.insert_segments(
             segments=[_segments(prompt.tokens, n_cached, checkpoints)],
@@ -534,7 +573,9 @@ class Engine:
             handle = active.handle
             if handle.dropped:
                 handle._push([Failure(f"dropped: {handle.dropped}", active.usage)])
-            self._release(handle, None)
+            phase = "decode" if active.first_token_at is not None else "prefill"
+            self._release(handle, None, outcome="cancelled", reason="stalled" if handle.dropped else phase,
+                          active=active)
             log.info(
                 "[%s] request %s after %d tokens (%d of %d prompt tokens read)",
                 handle.request.request_id,
@@ -618,14 +659,17 @@ class Engine:
         tail, final_reason = parser.finish(reason)
         events.extend(tail)
         active.handle._push(events)
-        self._finish(r.uid, active, Finish(final_reason, active.usage))
+        self._finish(r.uid, active, Finish(final_reason, active.usage, parser.stop_sequence))
         for tokens, cache in built:  # once the answer is out: saving copies the cache
             self._save_cache(tokens, cache)
 
     def _finish(self, uid: int, active: _Active, last: Any) -> None:
         self._active.pop(uid, None)
         active.handle._push([last])
-        self._release(active.handle, None)
+        if isinstance(last, Finish):
+            self._release(active.handle, None, outcome="finished", reason=last.reason, active=active)
+        else:
+            self._release(active.handle, None, outcome="failed", reason="generation_failed", active=active)
         _log_request(active, last)
 
     def _logprob_event(self, r, active: _Active) -> TokenLogprob:
@@ -726,3 +770,41 @@ def _log_request(active: _Active, last: Any) -> None:
         req.model.name,
         req.client,
     )
+
+
+def _ledger_record(
+    handle: RequestHandle, active: Optional[_Active], outcome: str, reason: str, error: Optional[Exception]
+) -> RequestRecord:
+    """The usage ledger's row for a request that ends now: the engine's own counters
+    (for a request that never started: none, or the prompt length it was rejected for)."""
+    req = handle.request
+    now = time.perf_counter()
+    record = RequestRecord(
+        ts=handle.submitted_wall,
+        request_id=req.request_id,
+        door=req.door,
+        model=req.model.name,
+        client=req.client,
+        outcome=outcome,
+        finish_reason=reason,
+        prompt_tokens=getattr(error, "prompt_tokens", 0),
+        duration_s=now - handle.submitted_at,
+        queue_s=now - handle.submitted_at,
+    )
+    if active is None:
+        return record
+    usage = active.usage
+    record.prompt_tokens = usage.prompt_tokens
+    record.cached_tokens = usage.cached_tokens
+    record.completion_tokens = usage.completion_tokens
+    record.reasoning_tokens = usage.reasoning_tokens
+    # Once a token is sampled the whole prompt was read; before that, as far as prefill got.
+    read = usage.prompt_tokens if active.first_token_at is not None else active.prompt_read
+    record.computed_prompt_tokens = read - usage.cached_tokens
+    record.queue_s = active.started_at - handle.submitted_at
+    if active.first_token_at is not None:
+        record.ttft_s = active.first_token_at - handle.submitted_at
+        decode_s = now - active.first_token_at
+        if usage.completion_tokens > 1 and decode_s > 0:
+            record.decode_tps = (usage.completion_tokens - 1) / decode_s
+    return record

@@ -39,10 +39,13 @@ class ContextLengthExceeded(EngineError):
     param = "messages"
 
     def __init__(self, context_length: int, prompt_tokens: int):
+        self.context_length = context_length
+        self.prompt_tokens = prompt_tokens  # doors word the message their own way
         super().__init__(
             f"This model's maximum context length is {context_length} tokens, "
             f"but the prompt has {prompt_tokens} tokens. Please reduce the length of the messages."
         )
+        self.prompt_tokens = prompt_tokens
 
 
 class InternalError(EngineError):

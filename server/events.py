@@ -7,7 +7,7 @@ wire chunks. Keeping them plain dataclasses keeps HTTP out of the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,12 @@ class Usage:
 
 @dataclass(frozen=True)
 class Finish:
-    """The end of a response: reason is one of stop, length, tool_calls."""
+    """The end of a response: reason is one of stop, length, tool_calls; `stop_sequence`
+    is the request's stop string that ended it, if one did."""
 
     reason: str
     usage: Usage
+    stop_sequence: Optional[str] = None
 
 
 @dataclass(frozen=True)

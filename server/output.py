@@ -154,6 +154,7 @@ class OutputParser:
         self.format = fmt
         self.tools = tools
         self.stopped = False
+        self.stop_sequence: Optional[str] = None  # the stop string that matched
         self._tf = fmt.tool
         self._tools_on = bool(tools) and tool_choice != "none" and self._tf is not None
         self._single = not parallel_tool_calls or isinstance(tool_choice, dict)
@@ -264,7 +265,7 @@ class OutputParser:
     def _act(self, action: str, marker: str) -> None:
         if action == "stop":
             self._flush_ws()
-            self.stopped, self._buf = True, ""
+            self.stopped, self.stop_sequence, self._buf = True, marker, ""
             return
         if action == "drop":
             return

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from jinja2 import TemplateError
 
+from .output import forced_prefix
+
 log = logging.getLogger("mlxd.prompt")
 
 _THINKING_FIELD = re.compile(r"""message\.thinking\b|["']thinking["']\s+in\s+message""")
@@ -32,6 +34,8 @@ class Prompt:
     checkpoints: dict[int, str]
     # True when the rendered prompt leaves the model inside a thinking block.
     starts_in_reasoning: bool = False
+    # Text appended after the generation prompt (a forced tool-call prefix).
+    suffix: str = ""
 
 
 def _text_of(content: Any) -> Any:
@@ -99,13 +103,61 @@ def normalize_messages(messages: list[dict], thinking_field: bool = False) -> li
     return out
 
 
-def _render(tokenizer, messages, tools, add_generation_prompt) -> str:
+def _render(tokenizer, messages, tools, add_generation_prompt, thinking: Optional[bool] = None) -> str:
+    extra = {} if thinking is None else {"enable_thinking": thinking}
     return tokenizer.apply_chat_template(
         messages,
         tools=tools or None,
         add_generation_prompt=add_generation_prompt,
         tokenize=False,
+        **extra,
     )
+
+
+def _late_system(messages: list[dict]) -> list[int]:
+    """Indexes of system messages after the first non-system one."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+    return [i for i in range(first, len(messages)) if messages[i].get("role") == "system"]
+
+
+def late_system_as_user(messages: list[dict]) -> list[dict]:
+    """Mid-conversation system messages as user turns marked `<system>...</system>`, kept
+    in place (moving them to the top would change the cached prefix every turn), and merged
+    with a neighbouring user turn for templates that insist on alternating roles."""
+    late = set(_late_system(messages))
+    out: list[dict] = []
+    for i, m in enumerate(messages):
+        if i in late:
+            m = {"role": "user", "content": f"<system>\n{m.get('content', '')}\n</system>"}
+        last = out[-1] if out else None
+        if (
+            last is not None and last["role"] == m["role"] == "user" and (i in late or i - 1 in late)
+            and isinstance(last.get("content"), str) and isinstance(m.get("content"), str)
+        ):
+            out[-1] = {**last, "content": f"{last['content']}\n\n{m['content']}"}
+        else:
+            out.append(m)
+    return out
+
+
+def _render_chat(tokenizer, messages, tools, suffix, thinking) -> tuple[list[dict], str]:
+    """The generation prompt and the messages it was rendered from.
+
+    Templates that refuse a mid-conversation system message (Mistral's alternation
+    check) or silently drop one (gpt-oss) get it as a marked user turn instead."""
+    late = _late_system(messages)
+    try:
+        text = _render(tokenizer, messages, tools, True, thinking)
+        if all(str(messages[i].get("content", "")).strip() in text for i in late):
+            return messages, text + suffix
+    except TemplateError as e:  # raise_exception() in the template, or a field it needs
+        if not late:
+            raise ValueError(f"the model's chat template cannot render these messages: {e}") from e
+    messages = late_system_as_user(messages)
+    try:
+        return messages, _render(tokenizer, messages, tools, True, thinking) + suffix
+    except TemplateError as e:
+        raise ValueError(f"the model's chat template cannot render these messages: {e}") from e
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -118,7 +170,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def message_checkpoints(tokenizer, messages, tools, tokens: list[int], recent: bool = True) -> dict[int, str]:
+def message_checkpoints(
+    tokenizer, messages, tools, tokens: list[int], recent: bool = True, thinking: Optional[bool] = None
+) -> dict[int, str]:
     """Token offsets where the system prompt and (with `recent`) the most recent messages end.
 
     The end of the system prompt is shared by every conversation of an agent;
@@ -138,7 +192,7 @@ def message_checkpoints(tokenizer, messages, tools, tokens: list[int], recent: b
     checkpoints = {}
     for k in sorted(c for c in cuts if c > 0):
         try:
-            text = _render(tokenizer, messages[:k], tools, add_generation_prompt=False)
+            text = _render(tokenizer, messages[:k], tools, False, thinking)
         except Exception:  # templates may insist on a user turn etc.
             continue
         prefix = tokenizer.encode(text, add_special_tokens=False)
@@ -154,25 +208,46 @@ def build_prompt(
     tools: Optional[list[dict]] = None,
     suffix: str = "",
     recent_checkpoints: bool = True,
+    thinking: Optional[bool] = None,
 ) -> Prompt:
     """Render and tokenize a chat; `suffix` is text the assistant turn is forced to start with.
 
     Each checkpoint costs a render and a tokenization of a prompt prefix;
-    `recent_checkpoints=False` finds only the end of the system prompt.
+    `recent_checkpoints=False` finds only the end of the system prompt. `thinking`
+    is the template's `enable_thinking` switch (None: the template's default).
     """
     if not tokenizer.has_chat_template:
         raise ValueError("this model has no chat template")
     messages = normalize_messages(messages, reads_thinking(tokenizer.chat_template))
-    try:
-        text = _render(tokenizer, messages, tools, add_generation_prompt=True) + suffix
-    except TemplateError as e:  # raise_exception() in the template, or a field it needs
-        raise ValueError(f"the model's chat template cannot render these messages: {e}") from e
+    messages, text = _render_chat(tokenizer, messages, tools, suffix, thinking)
     tokens = tokenizer.encode(text, add_special_tokens=False)
     starts_in_reasoning = False
     if tokenizer.has_thinking:
         starts_in_reasoning = text.rfind(tokenizer.think_start) > text.rfind(tokenizer.think_end)
     return Prompt(
         tokens=tokens,
-        checkpoints=message_checkpoints(tokenizer, messages, tools, tokens, recent=recent_checkpoints),
+        checkpoints=message_checkpoints(tokenizer, messages, tools, tokens, recent_checkpoints, thinking),
         starts_in_reasoning=starts_in_reasoning,
+        suffix=suffix,
+    )
+
+
+def offered_tools(request) -> Optional[list[dict]]:
+    """The tools a GenerationRequest shows the model: none when tool_choice is "none"."""
+    return request.tools if request.tool_choice != "none" else None
+
+
+def request_prompt(tokenizer, fmt, request, recent_checkpoints: bool = True) -> Prompt:
+    """The prompt a GenerationRequest feeds the model (`fmt`: the model's OutputFormat).
+
+    The one place a request becomes tokens, so that counting a request's tokens
+    (Anthropic's count_tokens) gives exactly what generating it reads."""
+    tools = offered_tools(request)
+    return build_prompt(
+        tokenizer,
+        request.messages,
+        tools,
+        suffix=forced_prefix(fmt, request.tool_choice, tools),
+        recent_checkpoints=recent_checkpoints,
+        thinking=request.thinking,
     )

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .errors import ContextLengthExceeded, EngineError, InternalError, InvalidPrompt
-from .output import forced_prefix
-from .prompt import Prompt, build_prompt
+from .prompt import Prompt, offered_tools, request_prompt
 
 log = logging.getLogger("mlxd.engine")
 
@@ -27,11 +26,10 @@ BUILDER_THREADS = 2
 
 @dataclass
 class Prepared:
-    """A request's prompt, ready for the batch: tokens, checkpoints, the forced
-    prefix the parser starts from, the tools it parses, and its token budget."""
+    """A request's prompt, ready for the batch (tokens, checkpoints, the forced prefix
+    the parser starts from as `prompt.suffix`), the tools it parses, and its token budget."""
 
     prompt: Prompt
-    prefix: str
     tools: Optional[list]
     max_tokens: int
 
@@ -40,14 +38,11 @@ def prepare(request, lm) -> Prepared:
     """Render and tokenize one request for loaded model `lm`; raises EngineError
     for what the client must fix (bad messages, too long, bad token ids)."""
     tokenizer = lm.tokenizer
-    tools = request.tools if request.tool_choice != "none" else None
-    prefix = forced_prefix(lm.output_format, request.tool_choice, tools)
     try:
         # A trimmable cache is saved whole at the end and serves every prefix of
         # it, so only the system prompt is checkpointed, for requests that share
         # it while this one runs; other caches resume at message checkpoints.
-        prompt = build_prompt(tokenizer, request.messages, tools, suffix=prefix,
-                              recent_checkpoints=not lm.cache_trimmable)
+        prompt = request_prompt(tokenizer, lm.output_format, request, recent_checkpoints=not lm.cache_trimmable)
     except ValueError as e:
         raise InvalidPrompt(str(e)) from e
     n_prompt = len(prompt.tokens)
@@ -58,7 +53,7 @@ def prepare(request, lm) -> Prepared:
         raise InvalidPrompt(f"logit_bias token ids must be between 0 and {len(tokenizer) - 1}", param="logit_bias")
     room = lm.context_length - n_prompt
     max_tokens = min(request.max_tokens, room) if request.max_tokens else room
-    return Prepared(prompt, prefix, tools, max_tokens)
+    return Prepared(prompt, offered_tools(request), max_tokens)
 
 
 class PromptBuilders:

@@ -9,9 +9,11 @@ from typing import Optional
 
 from mlxd import registry
 
-from .engine import Engine, ModelRef
+from .engine import Engine, GenerationRequest, ModelRef
 from .errors import ModelNotFound, ModelUnavailable
 from .models import DEFAULT_CONTEXT_LENGTH
+from .output import output_format_for
+from .prompt import request_prompt
 
 log = logging.getLogger("mlxd.runtime")
 
@@ -24,6 +26,7 @@ class ModelInfo:
     size_bytes: int
     repo: Optional[str] = None
     loaded: bool = False
+    starter: Optional[bool] = None
     memory_bytes: Optional[int] = None
     idle_seconds: Optional[float] = None
 
@@ -34,19 +37,39 @@ def _looks_like_path(name: str) -> bool:
 
 class Runtime:
     """Composes the engine with the models it may serve: local directories given at
-    start, and complete downloads in the registry's store."""
+    start, and complete downloads in the registry's store. The starter model, when
+    given, is served by its name; `starter_listed` also lists it and makes it the default."""
 
-    def __init__(self, engine: Engine, local_models: dict[str, Path], *, pull_on_demand: bool = False):
+    def __init__(
+        self,
+        engine: Engine,
+        local_models: dict[str, Path],
+        *,
+        pull_on_demand: bool = False,
+        starter: Optional[Path] = None,
+        starter_listed: bool = False,
+        aliases: Optional[dict[str, str]] = None,
+    ):
         self.engine = engine
         self.local_models = {name: Path(p).resolve() for name, p in local_models.items()}
         self.pull_on_demand = pull_on_demand
+        self.starter = Path(starter).resolve() if starter else None
+        self.starter_listed = starter_listed and starter is not None
+        # Names clients insist on (Claude Code's claude-sonnet-4-5) -> a served model's name.
+        self.aliases = dict(aliases or {})
+        for name, target in self.aliases.items():
+            log.info("requests for %s are answered by %s", name, target)
+        self._tokenizers: dict[Path, tuple] = {}
 
     def resolve(self, name: str) -> ModelRef:
         """A request's model name -> what to load. Requests may name served local
-        directories, registry names and repo ids, never other paths on this machine."""
+        directories, registry names, repo ids and aliases, never other paths on this machine."""
+        name = self.aliases.get(name, name)
         for known_name, known_path in self.local_models.items():
             if name == known_name or name == str(known_path):
                 return ModelRef(name=known_name, path=known_path)
+        if self.starter and name == registry.STARTER:
+            return ModelRef(name=registry.STARTER, path=self.starter)
         not_served = ModelNotFound(
             f"The model '{name}' is not served here: start mlxd with --model {name} to serve a local directory."
         )
@@ -64,9 +87,29 @@ class Runtime:
         except registry.RegistryError as e:
             if e.kind == registry.UNAVAILABLE:
                 raise ModelUnavailable(str(e)) from e
-            raise ModelNotFound(str(e)) from e
+            raise ModelNotFound(f"{e}. {self._served_hint(name)}") from e
         tool_format = resolved.family.tool_format if resolved.family else None
         return ModelRef(name=resolved.name, path=resolved.path, tool_format=tool_format)
+
+    def _served_hint(self, name: str) -> str:
+        """What is served, for a 404: clients with fixed model names need an alias."""
+        served = sorted(self.local_models) + [m.name for m in registry.list_models()]
+        listed = ", ".join(dict.fromkeys(served)) or "nothing yet"
+        return f"Served here: {listed}. To serve '{name}' as one of them, start mlxd with --alias {name}=MODEL."
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """The token count of the prompt `request` would feed its model, templated exactly as
+        the engine does; a model that is not loaded lends just its tokenizer."""
+        tokenizer, fmt = self.engine.prompt_format(request.model.name) or self._tokenizer_of(request.model)
+        return len(request_prompt(tokenizer, fmt, request, recent_checkpoints=False).tokens)
+
+    def _tokenizer_of(self, ref: ModelRef) -> tuple:
+        if ref.path not in self._tokenizers:
+            from mlx_lm.utils import load_tokenizer
+
+            tokenizer = load_tokenizer(ref.path, {"trust_remote_code": self.engine.trust_remote_code})
+            self._tokenizers[ref.path] = (tokenizer, output_format_for(tokenizer, tool_format=ref.tool_format))
+        return self._tokenizers[ref.path]
 
     def list_models(self) -> list[dict]:
         """Served local directories and complete downloads, with what is loaded."""
@@ -80,7 +123,14 @@ class Runtime:
             for name, path in sorted(self.local_models.items())
         ]
         local_paths = set(self.local_models.values())
-        for m in registry.list_models():
+        downloads = registry.list_models()
+        # The starter steps aside as soon as another model is downloaded, even while serving.
+        if self.starter_listed and all(Path(m.path).resolve() == self.starter for m in downloads):
+            context = registry.config_context_length(self.starter) or DEFAULT_CONTEXT_LENGTH
+            size = registry.directory_size(self.starter)
+            infos.insert(0, ModelInfo(registry.STARTER, str(self.starter), context, size, starter=True))
+            local_paths.add(self.starter)
+        for m in downloads:
             if Path(m.path).resolve() not in local_paths:
                 infos.append(ModelInfo(m.name, str(m.path), m.context_length, m.size_bytes, repo=m.repo))
         loaded = {m["name"]: m for m in self.engine.loaded_models()}

@@ -16,16 +16,20 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
-from .errors import QueueFull, QueueTimeout
+from .errors import InternalError, QueueFull, QueueTimeout
 from .prompt_builder import PromptBuilders
 
 log = logging.getLogger("mlxd.engine")
 
 
 class Scheduler:
-    def __init__(self, *, max_in_flight: int, queue_timeout: float):
+    """`on_release(handle, error, outcome, reason, active)` hears of every request
+    that leaves, however it leaves (the engine's usage-ledger hook)."""
+
+    def __init__(self, *, max_in_flight: int, queue_timeout: float, on_release: Callable[..., None]):
         self.max_in_flight = max_in_flight
         self.queue_timeout = queue_timeout
+        self.on_release = on_release
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque = deque()  # RequestHandles, built or waiting for their model to load
         self.building: set = set()
@@ -41,6 +45,11 @@ class Scheduler:
                 raise QueueFull(retry_after=2)
             self._in_flight += 1
         self.inbox.put(handle)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests counted in and not yet released."""
+        return self._in_flight
 
     def close(self) -> None:
         self._builders.close()
@@ -79,7 +88,8 @@ class Scheduler:
         if handle.released:  # failed while it was being built
             return
         if isinstance(result, Exception):
-            self.release(handle, result)
+            failed = isinstance(result, InternalError)
+            self.release(handle, result, outcome="failed" if failed else "rejected", reason=result.code)
         else:
             handle.prepared = result
             self.waiting.append(handle)
@@ -87,17 +97,18 @@ class Scheduler:
     def expire(self) -> None:
         """Waiting requests whose client left give their place up; those that waited
         --queue-timeout seconds get 503."""
-        now = time.monotonic()
+        now = time.perf_counter()
         for handle in list(self.waiting):
             if handle.cancelled:
                 self.waiting.remove(handle)
-                self.release(handle, None)
+                self.release(handle, None, outcome="cancelled", reason="queued")
                 log.info("[%s] request cancelled by the client while queued", handle.request.request_id)
             elif now - handle.submitted_at > self.queue_timeout:
                 self.waiting.remove(handle)
-                self.release(handle, QueueTimeout(now - handle.submitted_at))
+                self.release(handle, QueueTimeout(now - handle.submitted_at), outcome="rejected",
+                             reason=QueueTimeout.code)
 
-    def release(self, handle, error: Optional[Exception]) -> None:
+    def release(self, handle, error: Optional[Exception], *, outcome: str, reason: str, active=None) -> None:
         """The request leaves (once): its place is free; `error` answers it if it was not accepted."""
         if handle.released:
             return
@@ -108,6 +119,7 @@ class Scheduler:
             log.warning("[%s] request refused (%s): %s", handle.request.request_id,
                         getattr(error, "code", type(error).__name__), error)
             handle._reject(error)
+        self.on_release(handle, error, outcome, reason, active)
 
     def fail_all(self, error: Exception) -> bool:
         """Answer every request not yet in the batch with `error`; False if a stop was among the items."""
@@ -128,5 +140,5 @@ class Scheduler:
             else:
                 pending.append(item)
         for handle in pending:
-            self.release(handle, error)
+            self.release(handle, error, outcome="failed", reason=error.code)
         return go_on

@@ -37,7 +37,7 @@ def test_covers_the_planned_families():
     planned = {
         "qwen2.5-coder", "deepseek-coder", "codellama", "llama-3.2", "phi-4",
         "gemma-2", "starcoder2", "qwen3", "qwen3-coder", "llama-3.1", "llama-3.3",
-        "gemma-3", "mistral", "devstral", "gpt-oss", "glm-4.5-air", "glm-4.7-flash",
+        "gemma-3", "mistral", "devstral", "gpt-oss", "glm-4.5-air", "glm-4.7-flash", "smollm2",
     }  # fmt: skip
     assert planned <= set(catalog.CATALOG)
 
@@ -71,7 +71,7 @@ def test_family_metadata_is_consistent(family):
     assert family.reasoning in (None, "think_tags", "harmony")
     assert family.calls_tools == (family.tool_format is not None)
     for variant in family.variants:
-        assert re.fullmatch(r"\d+(\.\d+)?b(-a\d+b)?", variant.size)
+        assert re.fullmatch(r"\d+(\.\d+)?[mb](-a\d+b)?", variant.size)
         assert re.fullmatch(r"\d+bit|bf16|mxfp4", variant.quant)
 
 

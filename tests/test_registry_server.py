@@ -113,7 +113,7 @@ def test_ps_shows_what_the_server_has_loaded(registry_server, pulled):
 def test_pull_on_demand_only_when_allowed(hub, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
-    server = ServerProcess(tmp_path, ["--pull"], env=env).start()
+    server = ServerProcess(tmp_path, ["--pull", "--no-starter"], env=env).start()
     try:
         response = server.client().chat.completions.create(model="qwen3:0.6b", messages=HELLO, temperature=0)
         assert response.choices[0].message.content == "I am Qwen3."

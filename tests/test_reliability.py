@@ -248,14 +248,14 @@ def test_parameters_at_their_bounds_are_served(core_server):
 def test_every_response_names_its_request_id_and_the_log_line_carries_it(core_server):
     response = _chat(core_server)
     rid = response.headers["x-request-id"]
-    assert rid.startswith("req_")
-    mine = core_server.post("/v1/chat/completions", headers={"x-request-id": "agent-7.turn-3"},
-                            json={"model": "greeter", "messages": HELLO, "stream": True})
-    assert mine.headers["x-request-id"] == "agent-7.turn-3"
+    assert rid == response.json()["id"]  # the chat door names a request by its response id
+    streamed = core_server.post("/v1/chat/completions", json={"model": "greeter", "messages": HELLO, "stream": True})
+    streamed_id = streamed.headers["x-request-id"]
+    assert f'"id":"{streamed_id}"' in streamed.text
     refused = core_server.post("/v1/chat/completions", json={"model": "nope", "messages": HELLO})
     assert refused.status_code == 404 and refused.headers["x-request-id"].startswith("req_")
     log = core_server.log()
-    for request_id in (rid, "agent-7.turn-3"):
+    for request_id in (rid, streamed_id):
         line = next(line for line in log.splitlines() if f"[{request_id}] request done (stop)" in line)
         assert "chat, model greeter" in line and "tokens/s" in line
 

@@ -23,6 +23,7 @@ from mlxd.server.events import (
     Usage,
 )
 
+from ..clients import client_of
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit
 from ..errors import error_body
 from .protocol import ChatCompletionRequest
@@ -33,10 +34,13 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     ref = await resolve_model(request, body.model)
-    handle, accepted = await submit(request, to_generation_request(body, ref))
+    generation = to_generation_request(body, ref)
+    generation.client = client_of(request)
+    generation.request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"  # the response's id, and the ledger row's
+    handle, accepted = await submit(request, generation)
     if accepted is None:  # client left while queued
         return JSONResponse(error_body("client disconnected", 499), status_code=499)
-    response = ChatResponse(body, accepted)
+    response = ChatResponse(body, accepted, generation.request_id)
     if body.stream:
         return EventSourceResponse(
             _stream(response, handle),
@@ -104,8 +108,8 @@ def _logprob_dict(lp: TokenLogprob) -> dict:
 class ChatResponse:
     """Turns engine events into chat.completion(.chunk) objects for one request."""
 
-    def __init__(self, body: ChatCompletionRequest, accepted: Accepted):
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    def __init__(self, body: ChatCompletionRequest, accepted: Accepted, id: str):
+        self.id = id
         self.created = int(time.time())
         self.model = accepted.model
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -2,8 +2,9 @@
 
 `node_modules()` installs opencode, the AI SDK and openai-node at the versions of the
 committed lock, only when the lock changed since the last install, so the ~400 MB of
-node_modules (opencode's binaries) stay cached between runs. It runs `npm install
---no-save`, not `npm ci`: the lock holds only the opencode binaries the registry had
+node_modules (opencode's binaries) stay cached between runs. `node_modules(CODEX)` does
+the same for the Codex CLI, which has its own package.json and lock in `codex/`. It runs
+`npm install --no-save`, not `npm ci`: the lock holds only the opencode binaries the registry had
 for Linux x64, and `npm ci` refuses a lock without every platform's optional package.
 """
 
@@ -22,6 +23,7 @@ import pytest
 
 CLIENTS = Path(__file__).resolve().parent
 NODE_MODULES = CLIENTS / "node_modules"
+CODEX = CLIENTS / "codex"
 # The oldest Node the pinned packages support (their `engines`); Debian 12's apt has 18.
 MIN_NODE_MAJOR = 18
 INSTALL_TIMEOUT_S = 600
@@ -47,8 +49,8 @@ def logged_requests(log: str) -> list[LoggedRequest]:
     ]
 
 
-def _lock_digest() -> str:
-    return hashlib.sha256((CLIENTS / "package-lock.json").read_bytes()).hexdigest()
+def _lock_digest(where: Path) -> str:
+    return hashlib.sha256((where / "package-lock.json").read_bytes()).hexdigest()
 
 
 def _node_major(node: str) -> int:
@@ -58,25 +60,25 @@ def _node_major(node: str) -> int:
 
 
 @functools.cache
-def node_modules() -> Path:
-    """Skip the calling test without node/npm; else install if the lock changed, and return node_modules."""
+def node_modules(where: Path = CLIENTS) -> Path:
+    """Skip the calling test without node/npm; else install `where`'s lock if it changed, and return its node_modules."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
         pytest.skip("node and npm are needed for the client tests (apt-get install nodejs npm)")
     if _node_major(node) < MIN_NODE_MAJOR:
         pytest.skip(f"the client tests need Node >= {MIN_NODE_MAJOR}")
-    stamp = NODE_MODULES / ".mlxd-lock-sha256"
-    with open(CLIENTS / ".install.lock", "w") as lock:  # one installer at a time
+    stamp = where / "node_modules" / ".mlxd-lock-sha256"
+    with open(where / ".install.lock", "w") as lock:  # one installer at a time
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not stamp.exists() or stamp.read_text() != _lock_digest():
+        if not stamp.exists() or stamp.read_text() != _lock_digest(where):
             result = subprocess.run(
                 [npm, "install", "--no-save", "--no-audit", "--no-fund", "--loglevel=error"],
-                cwd=CLIENTS,
+                cwd=where,
                 capture_output=True,
                 text=True,
                 timeout=INSTALL_TIMEOUT_S,
             )
             if result.returncode != 0:
-                raise RuntimeError(f"npm install failed in {CLIENTS}:\n{result.stdout}\n{result.stderr}")
-            stamp.write_text(_lock_digest())
-    return NODE_MODULES
+                raise RuntimeError(f"npm install failed in {where}:\n{result.stdout}\n{result.stderr}")
+            stamp.write_text(_lock_digest(where))
+    return where / "node_modules"
