@@ -206,6 +206,9 @@ class Engine:
         client_timeout: float = 60.0,
         on_request_end: Optional[Callable[[RequestRecord], None]] = None,
     ):
+        self.max_loaded_models = max(1, max_loaded_models)
+        self.keep_alive = keep_alive
+        self.trust_remote_code = trust_remote_code
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.prefill_step_size = prefill_step_size

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 
 from tests.ground_truth import GREETING
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, downloaded
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 
@@ -16,19 +15,10 @@ def loaded(server) -> set[str]:
     return {m["id"] for m in server.get("/v1/models").json()["data"] if m["loaded"]}
 
 
-def _in_hf_cache(hf_home, model_dir, repo: str) -> dict:
-    """`model_dir` as a complete download of `repo` in a Hugging Face cache; the env that points there."""
-    folder = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(model_dir, folder / "snapshots" / ("0" * 40))
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text("0" * 40)
-    return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
-
-
 def test_loads_once_on_first_use_and_evicts_the_least_recently_used(tmp_path, greeting_model, random_model):
     # --max-loaded-models 1 (default): the greeter is loaded at start; a downloaded
     # model that requests name loads on first use, in its place.
-    env = _in_hf_cache(tmp_path / "hf", random_model, "test/random-qwen2")
+    env = downloaded(tmp_path / "hf", random_model, "test/random-qwen2")
     server = ServerProcess(tmp_path, ["--model", str(greeting_model.path)], env=env).start()
     try:
         deadline = time.monotonic() + 60
