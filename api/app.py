@@ -16,12 +16,13 @@ from .anthropic import messages
 from .engine_stream import RequestIds
 from .errors import BodySizeLimit, install_error_handlers
 from .openai import chat, models, responses
+from .security import Policy, SecurityMiddleware
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, version: str = "",
-               ledger: Optional[Ledger] = None):
+               ledger: Optional[Ledger] = None, policy: Policy = Policy()):
     app = FastAPI(title="mlxd", version=version, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     app.state.started = int(time.time())
@@ -51,4 +52,5 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
             "requests": {"active": runtime.engine.batch_size, "queued": runtime.engine.queue_depth},
         }
 
-    return RequestIds(BodySizeLimit(app, max_body_bytes))
+    # Outermost: every answer names its request; then Host, Origin and key checks run before a body is read.
+    return RequestIds(SecurityMiddleware(BodySizeLimit(app, max_body_bytes), policy))

@@ -45,13 +45,13 @@ class _SilentTqdm(tqdm):
         super().__init__(*args, **kwargs)
 
 
-def pull(name: str, progress: bool = True) -> ResolvedModel:
+def pull(name: str, progress: bool = True, local: bool = True) -> ResolvedModel:
     """Fetch whatever files of `name`'s current hub revision are missing, then resolve it.
 
     `progress` shows huggingface_hub's tqdm bars (on stderr); the server passes False.
-    A local directory is only checked, never downloaded.
+    A local directory is only checked, never downloaded; `local=False` is `resolve`'s.
     """
-    ref = parse(name)
+    ref = parse(name, local)
     if ref.repo is None:
         return resolve(name)
     path = download(ref.repo, progress=progress)
@@ -62,7 +62,7 @@ def pull(name: str, progress: bool = True) -> ResolvedModel:
             f"{ref.repo} downloaded but is not a loadable MLX model: "
             f"missing {', '.join(missing)}",
         )
-    return resolve(name)
+    return resolve(name, local)
 
 
 def download(repo: str, progress: bool = True) -> Path:

@@ -27,17 +27,21 @@ class ModelRef:
     family: Family | None
 
 
-def parse(text: str) -> ModelRef:
-    """Resolve the syntax of a model name; nothing here touches the network."""
+def parse(text: str, local: bool = True) -> ModelRef:
+    """Resolve the syntax of a model name; nothing here touches the network.
+
+    `local=False` (the server, for names a request sends) never reads the name as a
+    directory, so no name can probe the filesystem or resolve against the working
+    directory."""
     text = text.strip()
     if not text:
         raise RegistryError(NOT_FOUND, "empty model name")
-    if text.startswith(("/", "./", "~")):
+    if local and text.startswith(("/", "./", "~")):
         return _local(text)
     catalog_ref = _parse_catalog_name(text.lower())
     if catalog_ref is not None:
         return catalog_ref
-    if Path(text).is_dir():
+    if local and Path(text).is_dir():
         return _local(text)
     if "/" in text:
         return repo_ref(validate_repo(text))

@@ -50,9 +50,9 @@ class LocalModel:
     context_length: int | None
 
 
-def resolve(name: str) -> ResolvedModel:
-    """Resolve a registry name, repo id or local path without touching the network."""
-    ref = parse(name)
+def resolve(name: str, local: bool = True) -> ResolvedModel:
+    """Resolve a registry name, repo id or (with `local`) local path without touching the network."""
+    ref = parse(name, local)
     if ref.local_path is not None:
         path = ref.local_path
         if not path.is_dir():
@@ -64,6 +64,8 @@ def resolve(name: str) -> ResolvedModel:
                 f"{path} is not a complete model directory: missing {', '.join(missing)}",
             )
         return ResolvedModel(ref.name, None, path, config_context_length(path), None)
+    if ref.family is None:  # the hub ignores the case of repo ids; so does the cache lookup
+        ref = repo_ref(_cached_spelling(ref.repo))
     path = complete_snapshot(ref.repo)
     family_context = ref.family.context_length if ref.family else None
     context = (config_context_length(path) if path else None) or family_context
@@ -114,6 +116,11 @@ def cached_repos() -> list[str]:
         for folder in cache.glob("models--*--*")
         if folder.is_dir()
     )
+
+
+def _cached_spelling(repo: str) -> str:
+    """`repo` as the cache spells it (`Org/Name` finds `org/name`), else as given."""
+    return next((r for r in cached_repos() if r.lower() == repo.lower()), repo)
 
 
 def repo_folder(repo: str) -> Path:

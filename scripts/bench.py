@@ -22,7 +22,12 @@ Measures, client side and streamed through a real server:
     decoding is building its prompt (template, tokenization, checkpoints), which
     runs off the MLX thread;
   * peak memory: MLX's peak in this process and in the server (the server's
-    includes its prefix cache, bounded by --prompt-cache-gb), and the server's RSS.
+    includes its prefix cache, bounded by --prompt-cache-gb), and the server's RSS;
+  * the prefix cache (--cache-tokens, --restart-tokens): a warm turn's TTFT
+    against its floor (this process prefilling just the new tokens onto a cache
+    of the cached length, plus one decode step), the exact repeat's TTFT against
+    two decode steps plus 20 ms, and after a restart the next turn's TTFT (its
+    history read from the disk tier) over the first turn's cold TTFT.
 Absolute numbers depend on the machine; compare the ratios.
 """
 
@@ -264,6 +269,92 @@ def agent_rows(bench: Bench, system_tokens: int, rounds: int) -> list[tuple]:
     ]
 
 
+def prefill_floor(bench: Bench, n_cached: int, n_new: int, rounds: int = 3) -> tuple[float, float]:
+    """The physical floor of a warm turn, in this process with raw mlx-lm: prefill
+    `n_new` tokens onto a cache of `n_cached`, plus one decode step; and that decode
+    step alone. Medians of `rounds`."""
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    tokens = mx.random.randint(0, len(bench.tokenizer.vocab) - 1000, (n_cached + n_new,))
+    cache = make_prompt_cache(bench.model)
+    for i in range(0, n_cached, 512):
+        bench.model(tokens[None, i:min(i + 512, n_cached)], cache=cache)
+        mx.eval([c.state for c in cache])
+    warm, step = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        y = mx.argmax(bench.model(tokens[None, n_cached:], cache=cache)[:, -1], axis=-1)
+        mx.eval(y)
+        prefilled = time.perf_counter()
+        mx.eval(mx.argmax(bench.model(y[None], cache=cache)[:, -1], axis=-1))
+        done = time.perf_counter()
+        warm.append(done - start)
+        step.append(done - prefilled)
+        trim_prompt_cache(cache, n_new + 1)
+    return statistics.median(warm), statistics.median(step)
+
+
+def agent_conversation(bench: Bench, system_tokens: int, tag: str) -> tuple[list, callable]:
+    """An agent's first turn with a system prompt of about `system_tokens`, and its
+    next turns: a tool call, its result and a short new user message."""
+    system = {"role": "system", "content": f"{tag}. " + system_prompt_of(system_tokens, bench.tokenizer)}
+    turn1 = [system, {"role": "user", "content": "List the files."}]
+
+    def next_turn(i: int) -> list:
+        call = {"id": f"call{i:05d}", "type": "function",
+                "function": {"name": "tool_0", "arguments": json.dumps({"path": f"/tmp/{i}"})}}
+        return turn1 + [
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"call{i:05d}", "content": "a.txt\nb.txt"},
+        ]
+
+    return turn1, next_turn
+
+
+def cache_rows(bench: Bench, sizes: list[int], rounds: int) -> list[tuple]:
+    """Warm-turn and exact-repeat TTFT against their floors, per prompt size."""
+    rows = []
+    for size in sizes:
+        turn1, next_turn = agent_conversation(bench, size, f"Size {size}")
+        bench.stream(turn1, max_tokens=1)
+        time.sleep(TOOL_SECONDS)
+        warm = [bench.stream(next_turn(i), max_tokens=1) for i in range(rounds)]
+        repeat = [bench.stream(next_turn(0), max_tokens=1) for _ in range(rounds)]
+        n_prompt, n_cached = warm[0]["prompt_tokens"], warm[0]["cached_tokens"]
+        floor, step = prefill_floor(bench, n_cached, n_prompt - n_cached)
+        warm_ttft = statistics.median(r["ttft"] for r in warm)
+        repeat_ttft = statistics.median(r["ttft"] for r in repeat)
+        repeat_goal = 2 * step + 0.020
+        rows += [
+            (f"warm turn TTFT ({n_prompt} prompt, {n_cached} cached)", _ms(warm_ttft),
+             f"x{warm_ttft / floor:.2f} of floor {_ms(floor)} (goal x1.5); {_list(r['ttft'] * 1000 for r in warm)}"),
+            (f"exact repeat TTFT ({repeat[0]['cached_tokens']} cached)", _ms(repeat_ttft),
+             f"goal {_ms(repeat_goal)} (2 decode steps of {_ms(step)} + 20 ms); "
+             f"{_list(r['ttft'] * 1000 for r in repeat)}"),
+        ]
+    return rows
+
+
+def restart_rows(bench: Bench, model_dir: Path, work: Path, n_tokens: int) -> list[tuple]:
+    """The next turn of a conversation after a restart (its history read from the
+    disk tier) against the first turn cold, each on a fresh server."""
+    turn1, next_turn = agent_conversation(bench, n_tokens, "Restart")
+    results = []
+    for turn in (turn1, next_turn(0)):
+        server = ServerProcess(work, ["--model", str(model_dir), "--keep-alive", "-1"],
+                               env={"MLXD_HOME": str(work / "restart-home")}).start()
+        try:
+            results.append(Bench(server, model_dir).stream(turn, max_tokens=1))
+        finally:
+            server.stop()
+    cold, warm = results
+    return [
+        (f"agent turn 1 TTFT, cold, fresh server ({cold['prompt_tokens']} prompt tokens)", _ms(cold["ttft"]), ""),
+        (f"turn 2 TTFT after a restart ({warm['prompt_tokens']} prompt, {warm['cached_tokens']} cached)",
+         _ms(warm["ttft"]), f"x{warm['ttft'] / cold['ttft']:.3f} of cold (goal x0.15)"),
+    ]
+
+
 def concurrency_rows(bench: Bench, max_tokens: int) -> list[tuple]:
     one = bench.concurrent(1, max_tokens)
     rows = [("aggregate decode tokens/s, 1 stream", f"{one:.1f}", "")]
@@ -329,6 +420,11 @@ def main() -> int:
     parser.add_argument("--skip-agent", action="store_true", help="only the decode comparison")
     parser.add_argument("--only-prompt-build", action="store_true",
                         help="only decode beside a big prompt's build")
+    parser.add_argument("--cache-only", action="store_true", help="only the prefix-cache figures")
+    parser.add_argument("--cache-tokens", default="2000,16000",
+                        help="system prompt sizes of the warm-turn figures, comma-separated")
+    parser.add_argument("--restart-tokens", type=int, default=8000,
+                        help="system prompt size of the restart figure")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as work:
         rows = measure(args, Path(work))
@@ -353,12 +449,14 @@ def measure(args: argparse.Namespace, work: Path) -> list[tuple]:
         if args.only_prompt_build:
             return prompt_build_rows(bench, args.decode_tokens, args.rounds)
         mx.reset_peak_memory()
-        rows = decode_rows(bench, args.decode_tokens, args.rounds)
+        rows = [] if args.cache_only else decode_rows(bench, args.decode_tokens, args.rounds)
         raw_peak = mx.get_peak_memory() / 1e9
-        if not args.skip_agent:
+        if not args.skip_agent and not args.cache_only:
             rows += agent_rows(bench, args.system_tokens, args.rounds)
             rows += concurrency_rows(bench, args.decode_tokens)
             rows += prompt_build_rows(bench, args.decode_tokens, args.rounds)
+        if not args.skip_agent:
+            rows += cache_rows(bench, [int(n) for n in args.cache_tokens.split(",")], min(args.rounds, 3))
         memory = server.get("/health").json()["memory"]
         rows.append(("peak memory, raw mlx_lm (MLX)", f"{raw_peak:.2f} GB", ""))
         rows.append(("peak memory, mlxd (MLX)", f"{memory['mlx_peak_bytes'] / 1e9:.2f} GB",
@@ -368,6 +466,8 @@ def measure(args: argparse.Namespace, work: Path) -> list[tuple]:
                      "Linux only"))
     finally:
         server.stop()
+    if not args.skip_agent:
+        rows += restart_rows(bench, model_dir, work, args.restart_tokens)
     return rows
 
 

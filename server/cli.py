@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sqlite3
 import sys
 from dataclasses import dataclass
@@ -11,8 +12,9 @@ from pathlib import Path
 
 from mlxd import registry
 from mlxd.registry import starter
+from mlxd.registry.home import mlxd_home
 
-from . import claude, codex, doctor, opencode, registry_cli, usage_cli
+from . import access, claude, codex, doctor, opencode, registry_cli, usage_cli
 from .blas import describe, load_blas, setup_blas
 
 log = logging.getLogger("mlxd")
@@ -28,21 +30,38 @@ class _ServedModel:
     path: Path
     local: bool
     tool_format: str | None = None
+    arg: str = ""  # the --model argument as given
 
 
-def _served_model(name: str, pull: bool) -> _ServedModel:
+def _served_model(name: str, pull: bool, pull_any: bool = False) -> _ServedModel:
     """A --model argument: a local directory, or a registry name that is (or gets) downloaded."""
     if name == registry.STARTER:
         return _ServedModel(name, starter.obtain_starter(), local=True)
     resolved = registry.resolve(name)
     if resolved.repo is None:
-        return _ServedModel(resolved.served_name, resolved.path, local=True)
+        return _ServedModel(resolved.served_name, resolved.path, local=True, arg=name)
     if resolved.path is None:
-        if not pull:
+        if not (pull or pull_any):
             raise registry.RegistryError(registry.NOT_FOUND, f"{resolved.name} is not downloaded. Run: mlxd pull {name}")
+        if resolved.family is None and not pull_any:
+            raise registry.RegistryError(
+                registry.NOT_FOUND,
+                f"{resolved.name} is not downloaded, and --pull downloads only catalog models. "
+                f"Run: mlxd pull {name} (or serve with --pull-any)",
+            )
         resolved = registry.pull(name)
     tool_format = resolved.family.tool_format if resolved.family else None
-    return _ServedModel(resolved.served_name, resolved.path, local=False, tool_format=tool_format)
+    return _ServedModel(resolved.served_name, resolved.path, local=False, tool_format=tool_format, arg=name)
+
+
+def trusted_models(served: list[_ServedModel], trust_all: bool, trust_for: list[str]) -> frozenset[str]:
+    """The served names whose own code may run: every --model with --trust-remote-code, else
+    those named by --trust-remote-code-for (by the --model argument or the served name)."""
+    wanted = {n.strip() for n in trust_for}
+    unknown = sorted(n for n in wanted if not any(n in (m.arg, m.name) for m in served))
+    if unknown:
+        raise ValueError(f"--trust-remote-code-for names no --model: {', '.join(unknown)}")
+    return frozenset(m.name for m in served if trust_all or m.arg in wanted or m.name in wanted)
 
 
 def _preload_problem(preload: list[_ServedModel], max_loaded: int) -> str | None:
@@ -78,20 +97,24 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mlxd.api.app import create_app
+    from mlxd.api.security import policy_for
 
     from .engine import Engine, ModelRef
     from .ledger import Ledger
     from .runtime import Runtime
 
     try:
-        preload = [_served_model(name, args.pull) for name in args.model or []]
-    except registry.RegistryError as e:
+        preload = [_served_model(name, args.pull, args.pull_any) for name in args.model or []]
+        trusted = trusted_models(preload, args.trust_remote_code, args.trust_remote_code_for or [])
+        keys = access.load_keys(args.api_key or [], args.api_key_file or [])
+    except (registry.RegistryError, ValueError, OSError) as e:
         print(f"mlxd: {e}", file=sys.stderr)
         return 2
     problem = _preload_problem(preload, args.max_loaded_models)
     if problem:
         print(f"mlxd: {problem}", file=sys.stderr)
         return 2
+    policy = policy_for(args.host, keys, args.allowed_host or [], args.cors_origin or [])
     local = {ref.name: ref.path for ref in preload if ref.local}
     starter_path, starter_listed = _starter(args)
     try:
@@ -112,21 +135,29 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         prompt_cache_bytes=int(args.prompt_cache_gb * (1 << 30)),
-        trust_remote_code=args.trust_remote_code,
+        prompt_cache_dir=args.prompt_cache_dir or mlxd_home() / "kv",
+        prompt_cache_disk_bytes=int(args.prompt_cache_disk_gb * (1 << 30)),
         queue_timeout=args.queue_timeout,
         client_timeout=args.client_timeout,
         on_request_end=ledger.record,
     )
     engine.start()
-    runtime = Runtime(engine, local, pull_on_demand=args.pull, starter=starter_path, starter_listed=starter_listed,
-                      aliases=aliases)
+    runtime = Runtime(engine, local, pull_on_demand=args.pull, pull_any=args.pull_any, trusted=trusted,
+                      starter=starter_path, starter_listed=starter_listed, aliases=aliases)
     for ref in preload:
-        engine.preload(ModelRef(ref.name, ref.path, ref.tool_format))
+        engine.preload(ModelRef(ref.name, ref.path, ref.tool_format, trust_remote_code=ref.name in trusted))
     if starter_listed:  # no --model: the starter is what this server serves
         engine.preload(ModelRef(registry.STARTER, starter_path))
-    app = create_app(runtime, version=version(), ledger=ledger)
+    app = create_app(runtime, version=version(), ledger=ledger, policy=policy)
     ledger.start()  # after /metrics read what the ledger held, so its counters miss no row
     log.info("mlxd %s serving on http://%s:%d/v1", version(), args.host, args.port)
+    if keys:
+        log.info("API keys required (labels: %s); GET /health needs none", ", ".join(k.label for k in keys))
+    if warning := access.exposure_warning(args.host, args.port, keys):
+        log.warning("%s", warning)
+    # uvicorn re-raises the SIGTERM it shut down on; as an exit, so the engine still
+    # stops below and writes its prefix caches to disk.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     finally:
@@ -157,8 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-loaded-models", type=int, default=1)
     serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond the batch before 429")
-    serve.add_argument("--prompt-cache-gb", type=float, default=4.0, help="memory budget of the prefix cache")
-    serve.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from models")
+    serve.add_argument("--prompt-cache-gb", type=float, default=4.0,
+                       help="RAM budget of the saved prefix caches (default: 4); the live batch is bounded "
+                            "by --max-batch-size and the context window")
+    # prefix cache: disk tier
+    serve.add_argument("--prompt-cache-dir", type=Path, default=None,
+                       help="where prefix caches evicted from RAM are kept across restarts "
+                            "(default: $MLXD_HOME/kv)")
+    serve.add_argument("--prompt-cache-disk-gb", type=float, default=32.0,
+                       help="disk budget of the prefix cache (default: 32); 0 disables the disk tier")
+    serve.add_argument("--trust-remote-code", action="store_true",
+                       help="let every --model run its own tokenizer code (never models a request names)")
+    # security
+    serve.add_argument("--trust-remote-code-for", action="append", metavar="NAME",
+                       help="let this --model (its argument or served name) run its own tokenizer code; repeatable")
+    serve.add_argument("--pull-any", action="store_true",
+                       help="like --pull, for any hub repo (--pull downloads only catalog models)")
+    serve.add_argument("--api-key", action="append", metavar="[LABEL:]KEY",
+                       help="require this key (Authorization: Bearer KEY or x-api-key: KEY) on every endpoint "
+                            f"but GET /health; repeatable; also {access.ENV_VAR} (comma-separated)")
+    serve.add_argument("--api-key-file", action="append", metavar="FILE",
+                       help="read keys from FILE, one [LABEL:]KEY a line (keeps them out of `ps`)")
+    serve.add_argument("--allowed-host", action="append", metavar="NAME",
+                       help="answer requests addressed to NAME too (by default only localhost names on a "
+                            "loopback bind); repeatable")
+    serve.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                       help="allow browser requests from ORIGIN (e.g. http://localhost:3000); repeatable")
     # starter
     serve.add_argument("--no-starter", action="store_true",
                        help=f"do not serve the starter model {registry.STARTER} when nothing is downloaded")

@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
+from mlxd.server import access
 from mlxd.server.blas import describe, setup_blas
 from mlxd.server.registry_cli import human_bytes
 
@@ -93,7 +94,17 @@ def hub_status(endpoint: str, timeout: float = HUB_TIMEOUT_S) -> dict[str, Any]:
     return {"endpoint": endpoint, "reachable": status < 500, "status": status, "error": None}
 
 
-def collect() -> dict[str, Any]:
+def access_status(host: str) -> dict[str, Any]:
+    """Who a `serve --host HOST` reaches, and the keys MLXD_API_KEY sets (labels only)."""
+    try:
+        keys, error = access.env_keys(), None
+    except ValueError as e:
+        keys, error = [], str(e)
+    return {"bind": host, "reach": access.describe_bind(host), "env_key_labels": [k.label for k in keys],
+            "env_key_error": error, "warning": access.exposure_warning(host, None, keys)}
+
+
+def collect(host: str = "127.0.0.1") -> dict[str, Any]:
     """Everything doctor reports, as JSON-ready data."""
     blas = setup_blas()  # first: it must run before mlx.core is imported
     from huggingface_hub import constants
@@ -112,6 +123,7 @@ def collect() -> dict[str, Any]:
         "hf_cache": {"path": cache_dir, "free_bytes": free_bytes(cache_dir)},
         "models": cached_models(cache_dir),
         "hub": hub,
+        "access": access_status(host),
     }
 
 
@@ -135,13 +147,24 @@ def format_table(data: dict[str, Any]) -> str:
         ("models", f"{len(data['models'])} MLX model(s) in the cache"),
         *(("", f"{m['repo_id']}  {human_bytes(m['size_bytes'])}") for m in data["models"]),
         ("hub", hub_line),
+        ("bind", data["access"]["reach"]),
+        ("api keys", _keys_line(data["access"])),
     ]
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 
 
+def _keys_line(status: dict[str, Any]) -> str:
+    if status["env_key_error"]:
+        return f"{access.ENV_VAR} is invalid: {status['env_key_error']}"
+    labels = status["env_key_labels"]
+    said = f"{len(labels)} in {access.ENV_VAR} ({', '.join(labels)})" if labels else f"none in {access.ENV_VAR}"
+    warning = f"\nWARNING: unless serve gets --api-key: {status['warning']}" if status["warning"] else ""
+    return f"{said}; serve --api-key / --api-key-file add more{warning}"
+
+
 def run(args: argparse.Namespace) -> int:
-    data = collect()
+    data = collect(args.host)
     print(json.dumps(data, indent=2) if args.json else format_table(data))
     return 0
 
@@ -150,6 +173,7 @@ def add_parser(subparsers: Any) -> None:
     """Register `doctor [--json]` on the CLI's subparsers."""
     parser = subparsers.add_parser("doctor", help="show what mlxd runs on (versions, device, BLAS, cache, hub)")
     parser.add_argument("--json", action="store_true", help="print the same data as JSON")
+    parser.add_argument("--host", default="127.0.0.1", help="the address `serve --host` would bind (default: 127.0.0.1)")
     parser.set_defaults(func=run)
 
 

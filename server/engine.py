@@ -29,6 +29,7 @@ from .ledger import RequestRecord
 from .model_slots import ModelSlots
 from .models import LoadedModel
 from .output import OutputParser
+from .prefix_cache import PrefixCache
 from .request_log import ledger_record, log_request
 from .scheduler import Scheduler
 
@@ -62,11 +63,13 @@ class SamplingParams:
 @dataclass
 class ModelRef:
     """A model the registry resolved: the name it is served under, its directory,
-    and its tool-call format when the catalog knows it better than the template."""
+    its tool-call format when the catalog knows it better than the template, and
+    whether its own tokenizer code may run (only for `--trust-remote-code-for` models)."""
 
     name: str
     path: Path
     tool_format: Optional[str] = None
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -202,6 +205,8 @@ class Engine:
         prefill_step_size: int = 512,
         prompt_cache_bytes: int = 4 << 30,
         prompt_cache_entries: int = 16,
+        prompt_cache_dir: Optional[Path] = None,
+        prompt_cache_disk_bytes: int = 0,
         trust_remote_code: bool = False,
         queue_timeout: float = 600.0,
         client_timeout: float = 60.0,
@@ -222,12 +227,16 @@ class Engine:
 
         self._scheduler = Scheduler(max_in_flight=max_batch_size + max_queue, queue_timeout=queue_timeout,
                                     on_release=self._record)
-        self._models = ModelSlots(max_loaded=max_loaded_models, keep_alive=keep_alive,
-                                  trust_remote_code=trust_remote_code, on_unload=self._on_unload)
+        self._models = ModelSlots(max_loaded=max_loaded_models, keep_alive=keep_alive, on_unload=self._on_unload)
         self._current: Optional[LoadedModel] = None
         self._batch = None
         self._active: dict[int, _Active] = {}
-        self._prompt_cache = None
+        self._prompt_cache = PrefixCache(
+            ram_bytes=prompt_cache_bytes,
+            ram_entries=prompt_cache_entries,
+            disk_dir=prompt_cache_dir,
+            disk_bytes=prompt_cache_disk_bytes,
+        )
         self._degraded: Optional[str] = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="mlxd-engine", daemon=True)
@@ -299,14 +308,16 @@ class Engine:
         ]
 
     def memory(self) -> dict:
-        """MLX's allocator counters (GPU memory on Metal) and the prefix cache's share."""
+        """MLX's allocator counters (GPU memory on Metal) and the prefix cache's share,
+        with its tiers' sizes, hits by tier and what the disk tier wrote."""
         import mlx.core as mx
 
         return {
             "mlx_active_bytes": mx.get_active_memory(),
             "mlx_peak_bytes": mx.get_peak_memory(),
-            "prompt_cache_bytes": self._prompt_cache.nbytes if self._prompt_cache is not None else 0,
+            "prompt_cache_bytes": self._prompt_cache.nbytes,
             "prompt_cache_budget_bytes": self.prompt_cache_bytes,
+            "prompt_cache": self._prompt_cache.stats(),
         }
 
     # ------------------------------------------------------------------
@@ -315,7 +326,6 @@ class Engine:
         import mlx.core as mx
 
         self._stream = mx.new_stream(mx.default_device())
-        self._prompt_cache = self._new_prompt_cache()
         while not self._stopping:
             try:
                 self._iterate()
@@ -329,6 +339,7 @@ class Engine:
             self._release(active.handle, None, outcome="cancelled", reason="shutdown", active=active)
         self._active.clear()
         self._close_batch()
+        self._prompt_cache.close()
 
     def _iterate(self) -> None:
         self._take_inbox(block=not self._active and not self._scheduler.waiting)
@@ -338,11 +349,6 @@ class Engine:
             self._step_safely()
         else:
             self._models.unload_idle()
-
-    def _new_prompt_cache(self):
-        from mlx_lm.models.cache import LRUPromptCache
-
-        return LRUPromptCache(max_size=self.prompt_cache_entries, max_bytes=self.prompt_cache_bytes)
 
     def _fail_everything(self, error: Exception) -> None:
         """The engine cannot go on: every request it holds gets an error now."""
@@ -383,7 +389,7 @@ class Engine:
             except Exception:
                 log.warning("closing the failed batch raised; dropping it", exc_info=True)
         self._models.clear()
-        self._prompt_cache = self._new_prompt_cache()
+        self._prompt_cache.spill()  # the saved caches were whole before the error: RAM to disk
         gc.collect()
         mx.clear_cache()
 
@@ -449,7 +455,7 @@ class Engine:
     def _on_unload(self, lm: LoadedModel) -> None:
         if self._current is lm:
             self._close_batch()
-        self._prompt_cache.trim_to(n_sequences=0)
+        self._prompt_cache.spill()
 
     def _switch_to(self, lm: LoadedModel) -> None:
         from mlx_lm.generate import BatchGenerator
@@ -482,7 +488,7 @@ class Engine:
         prompt = prepared.prompt
         n_prompt = len(prompt.tokens)
 
-        cache, rest = _fetch_cache(self._prompt_cache, lm.name, prompt.tokens)
+        cache, rest = self._prompt_cache.fetch(lm, prompt.tokens)
         n_cached = n_prompt - len(rest)
         checkpoints = {n: kind for n, kind in prompt.checkpoints.items() if n > n_cached}
 
@@ -602,14 +608,7 @@ class Engine:
         ]
 
     def _save_cache(self, tokens: list[int], cache: list, kind: str = "assistant") -> None:
-        """Keep a sequence's cache for later prefix hits. It is evaluated now: a
-        cache taken from the batch is a lazy copy that would otherwise hold the
-        batch's whole buffers alive, outside the byte budget, until first used."""
-        import mlx.core as mx
-
-        mx.eval([c.state for c in cache])
-        self._prompt_cache.insert_cache(self._current.name, list(tokens), cache, cache_type=kind)
-        self._trim_prompt_cache()
+        self._prompt_cache.save(self._current, tokens, cache, kind)
 
     def _on_prefill(self, prompt_responses) -> None:
         """Track how much of each prompt is read, and store the cache at its
@@ -626,9 +625,6 @@ class Engine:
             return
         for uid, (cache, tokens) in self._batch.extract_cache(at_checkpoint).items():
             self._save_cache(tokens, cache, self._active[uid].checkpoints.pop(len(tokens)))
-
-    def _trim_prompt_cache(self) -> None:
-        self._prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes - self._batch.prompt_cache_nbytes)
 
     def _on_token(self, r, active: _Active) -> None:
         active.usage.completion_tokens += 1
@@ -698,24 +694,6 @@ class Engine:
             bytes=list(text.encode()),
             top=[(t, v, list(t.encode())) for t, v in top],
         )
-
-
-def _fetch_cache(prompt_cache, model_name: str, tokens: list[int]):
-    """The longest cached prefix, always leaving at least one token to feed the model.
-
-    A cache that cannot be trimmed (rotating, recurrent) cannot give back its
-    last token, so a prompt it covers whole resumes from a shorter checkpoint.
-    """
-    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-    cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens)
-    if cache is not None and not rest:
-        if can_trim_prompt_cache(cache):
-            trim_prompt_cache(cache, 1)
-            return cache, tokens[-1:]
-        cache, rest = prompt_cache.fetch_nearest_cache(model_name, tokens[:-1])
-        rest = rest + tokens[-1:]
-    return cache, rest
 
 
 def _token_text(tokenizer, token_id: int) -> str:

@@ -9,6 +9,7 @@ failed load is remembered for a while and answered with the same error.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -71,17 +72,21 @@ def memory_available() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def _without_paths(error: Exception) -> str:
+    """The cause of a failed load for the client: its kind and message, with file paths
+    cut to their last part (the log has them whole; clients see no directories)."""
+    return f"{type(error).__name__}: " + re.sub(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)", r"\1", str(error))
+
+
 class ModelSlots:
     """The loaded models, most recently used last. Engine-thread only.
 
     `on_unload(lm)` lets the engine drop its own references (batch, prefix caches)
     before the model's memory is given back."""
 
-    def __init__(self, *, max_loaded: int, keep_alive: float, trust_remote_code: bool,
-                 on_unload: Callable[[LoadedModel], None]):
+    def __init__(self, *, max_loaded: int, keep_alive: float, on_unload: Callable[[LoadedModel], None]):
         self.max_loaded = max(1, max_loaded)
         self.keep_alive = keep_alive
-        self.trust_remote_code = trust_remote_code
         self.on_unload = on_unload
         self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self.failed = FailedLoads()
@@ -98,11 +103,11 @@ class ModelSlots:
                 raise failed
             self._make_room_for(ref)
             try:
-                lm = load_model(ref.name, ref.path, trust_remote_code=self.trust_remote_code)
+                lm = load_model(ref.name, ref.path, trust_remote_code=ref.trust_remote_code)
                 lm.output_format = output_format_for(lm.tokenizer, tool_format=ref.tool_format)
             except Exception as e:
                 log.exception("loading %s failed", ref.name)
-                error = ModelLoadFailed(f"model {ref.name!r} could not be loaded: {type(e).__name__}: {e}")
+                error = ModelLoadFailed(f"model {ref.name!r} could not be loaded: {_without_paths(e)}")
                 self.failed.add(ref.name, error)
                 raise error from e
             log.info("model %s: tool-call format %s", ref.name, lm.output_format.name or "none")

@@ -6,6 +6,7 @@ once; `prompt_tokens` in usage is the length of exactly this list.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -170,6 +171,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=16)
+def _encoded_prefix(tokenizer, text: str) -> list[int]:
+    """A checkpoint's prefix tokenized once: an agent's every turn repeats the same
+    system prompt and tools, whose tokenization would otherwise cost a warm turn
+    as much as the whole prompt's."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 def message_checkpoints(
     tokenizer, messages, tools, tokens: list[int], recent: bool = True, thinking: Optional[bool] = None
 ) -> dict[int, str]:
@@ -195,7 +204,7 @@ def message_checkpoints(
             text = _render(tokenizer, messages[:k], tools, False, thinking)
         except Exception:  # templates may insist on a user turn etc.
             continue
-        prefix = tokenizer.encode(text, add_special_tokens=False)
+        prefix = _encoded_prefix(tokenizer, text)
         n = _common_prefix(prefix, tokens)
         if 0 < n < len(tokens):
             checkpoints.setdefault(n, "system" if k == n_system else "user")

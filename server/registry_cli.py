@@ -7,10 +7,13 @@ A RegistryError becomes its message on stderr and exit status 1, never a traceba
 import argparse
 import json
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 
 from mlxd import registry
+
+from . import access
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -120,9 +123,15 @@ def _catalog(args: argparse.Namespace) -> int:
 
 def _ps(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}/v1/models"
+    keys = access.env_keys()  # a server with keys needs one; the first of MLXD_API_KEY
+    headers = {"Authorization": f"Bearer {keys[0].secret.decode()}"} if keys else {}
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as response:
             entries = json.load(response)["data"]
+    except urllib.error.HTTPError as exc:
+        hint = f"; set {access.ENV_VAR} to one of its keys" if exc.code == 401 else ""
+        print(f"error: the server at {url} answered HTTP {exc.code}{hint}", file=sys.stderr)
+        return 1
     except (OSError, ValueError, KeyError) as exc:
         print(
             f"error: no mlxd server answered at {url} ({exc}); is `mlxd serve` running?",

@@ -18,10 +18,14 @@ from .prompt import request_prompt
 log = logging.getLogger("mlxd.runtime")
 
 
+# Every name that does not resolve gets this answer, whatever exists on disk: the
+# server never tells a client whether a path on this machine exists.
+NOT_SERVED = "The model does not exist or is not served here: GET /v1/models lists the models this server serves."
+
+
 @dataclass
 class ModelInfo:
     id: str
-    path: str
     context_length: Optional[int]
     size_bytes: int
     repo: Optional[str] = None
@@ -32,13 +36,16 @@ class ModelInfo:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or "\\" in name
+    return name.startswith(("/", ".", "~")) or "\\" in name or ".." in name.split("/")
 
 
 class Runtime:
     """Composes the engine with the models it may serve: local directories given at
     start, and complete downloads in the registry's store. The starter model, when
-    given, is served by its name; `starter_listed` also lists it and makes it the default."""
+    given, is served by its name; `starter_listed` also lists it and makes it the default.
+
+    `trusted` names the served models whose own code may run (`--trust-remote-code-for`);
+    `pull_any` lets requests download any hub repo, not only the catalog's."""
 
     def __init__(
         self,
@@ -46,13 +53,17 @@ class Runtime:
         local_models: dict[str, Path],
         *,
         pull_on_demand: bool = False,
+        pull_any: bool = False,
+        trusted: frozenset[str] = frozenset(),
         starter: Optional[Path] = None,
         starter_listed: bool = False,
         aliases: Optional[dict[str, str]] = None,
     ):
         self.engine = engine
         self.local_models = {name: Path(p).resolve() for name, p in local_models.items()}
-        self.pull_on_demand = pull_on_demand
+        self.pull_on_demand = pull_on_demand or pull_any
+        self.pull_any = pull_any
+        self.trusted = trusted
         self.starter = Path(starter).resolve() if starter else None
         self.starter_listed = starter_listed and starter is not None
         # Names clients insist on (Claude Code's claude-sonnet-4-5) -> a served model's name.
@@ -64,32 +75,39 @@ class Runtime:
     def resolve(self, name: str) -> ModelRef:
         """A request's model name -> what to load. Requests may name served local
         directories, registry names, repo ids and aliases, never other paths on this machine."""
+        name = name.strip()
         name = self.aliases.get(name, name)
         for known_name, known_path in self.local_models.items():
             if name == known_name or name == str(known_path):
-                return ModelRef(name=known_name, path=known_path)
+                return self._ref(known_name, known_path)
         if self.starter and name == registry.STARTER:
-            return ModelRef(name=registry.STARTER, path=self.starter)
-        not_served = ModelNotFound(
-            f"The model '{name}' is not served here: start mlxd with --model {name} to serve a local directory."
-        )
+            return self._ref(registry.STARTER, self.starter)
         if _looks_like_path(name):
-            raise not_served
+            raise ModelNotFound(NOT_SERVED)
         try:
-            resolved = registry.resolve(name)
-            if resolved.repo is None:  # a relative path that happens to exist (e.g. "dir/../x")
-                raise not_served
+            resolved = registry.resolve(name, local=False)
             if resolved.path is None:
-                if not self.pull_on_demand:
-                    raise ModelNotFound(f"The model '{name}' is not downloaded. Run: mlxd pull {name}")
-                log.info("pulling %s on demand", resolved.name)
-                resolved = registry.pull(name, progress=False)
+                resolved = self._pull(name, resolved)
         except registry.RegistryError as e:
             if e.kind == registry.UNAVAILABLE:
                 raise ModelUnavailable(str(e)) from e
             raise ModelNotFound(f"{e}. {self._served_hint(name)}") from e
-        tool_format = resolved.family.tool_format if resolved.family else None
-        return ModelRef(name=resolved.name, path=resolved.path, tool_format=tool_format)
+        return self._ref(resolved.name, resolved.path, resolved.family.tool_format if resolved.family else None)
+
+    def _ref(self, name: str, path: Path, tool_format: Optional[str] = None) -> ModelRef:
+        return ModelRef(name=name, path=path, tool_format=tool_format, trust_remote_code=name in self.trusted)
+
+    def _pull(self, name: str, resolved: registry.ResolvedModel) -> registry.ResolvedModel:
+        """Download a model a request named, when this server may."""
+        if not self.pull_on_demand:
+            raise ModelNotFound(f"The model '{name}' is not downloaded. Run: mlxd pull {name}")
+        if resolved.family is None and not self.pull_any:
+            raise ModelNotFound(
+                f"The model '{name}' is not downloaded, and this server downloads only catalog models "
+                f"(`mlxd catalog`; --pull-any allows any repo). Run: mlxd pull {name}"
+            )
+        log.info("pulling %s on demand", resolved.name)
+        return registry.pull(name, progress=False, local=False)
 
     def _served_hint(self, name: str) -> str:
         """What is served, for a 404: clients with fixed model names need an alias."""
@@ -107,16 +125,16 @@ class Runtime:
         if ref.path not in self._tokenizers:
             from mlx_lm.utils import load_tokenizer
 
-            tokenizer = load_tokenizer(ref.path, {"trust_remote_code": self.engine.trust_remote_code})
+            tokenizer = load_tokenizer(ref.path, {"trust_remote_code": ref.trust_remote_code})
             self._tokenizers[ref.path] = (tokenizer, output_format_for(tokenizer, tool_format=ref.tool_format))
         return self._tokenizers[ref.path]
 
     def list_models(self) -> list[dict]:
-        """Served local directories and complete downloads, with what is loaded."""
+        """Served local directories and complete downloads, with what is loaded (no paths:
+        clients need not know where the files are)."""
         infos = [
             ModelInfo(
                 id=name,
-                path=str(path),
                 context_length=registry.config_context_length(path) or DEFAULT_CONTEXT_LENGTH,
                 size_bytes=registry.directory_size(path),
             )
@@ -132,7 +150,7 @@ class Runtime:
             local_paths.add(self.starter)
         for m in downloads:
             if Path(m.path).resolve() not in local_paths:
-                infos.append(ModelInfo(m.name, str(m.path), m.context_length, m.size_bytes, repo=m.repo))
+                infos.append(ModelInfo(m.name, m.context_length, m.size_bytes, repo=m.repo))
         loaded = {m["name"]: m for m in self.engine.loaded_models()}
         for info in infos:
             if info.id in loaded:

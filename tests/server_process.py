@@ -41,7 +41,8 @@ class ServerProcess:
         self.port = free_port()
         self.args = args
         self.module = module
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Each server keeps its own data (the disk prefix cache) beside its log, unless told otherwise.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLXD_HOME": str(log_dir / "mlxd-home"), **(env or {})}
         self.log_path = log_dir / f"mlxd-{self.port}.log"
         self.proc: Optional[subprocess.Popen] = None
 

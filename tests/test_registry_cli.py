@@ -180,7 +180,7 @@ def test_offline_mode(mlxd, hub):
 
 
 def test_pull_without_progress_prints_nothing(mlxd):
-    script = "import registry; print(registry.pull('qwen2.5-coder:0.5b', progress=False).name)"
+    script = "from mlxd import registry; print(registry.pull('qwen2.5-coder:0.5b', progress=False).name)"
     result = subprocess.run(
         [sys.executable, "-c", script],
         cwd=ROOT,

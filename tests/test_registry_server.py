@@ -20,6 +20,7 @@ from tests.server_process import ROOT, ServerProcess
 
 CODER_REPO = "mlx-community/Qwen2.5-Coder-0.5B-Instruct-4bit"
 QWEN3_REPO = "mlx-community/Qwen3-0.6B-4bit"
+OTHER_REPO = "other-org/tiny-model"  # on the hub, not in the catalog
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 
@@ -28,7 +29,8 @@ def hub(tmp_path_factory):
     models = tmp_path_factory.mktemp("hub-repos")
     coder = build_scripted_model(models / "coder", GREETING).path
     qwen3 = build_scripted_model(models / "qwen3", "I am Qwen3.").path
-    with FakeHub({CODER_REPO: coder, QWEN3_REPO: qwen3}) as hub:
+    other = build_scripted_model(models / "other", "I am another model.").path
+    with FakeHub({CODER_REPO: coder, QWEN3_REPO: qwen3, OTHER_REPO: other}) as hub:
         yield hub
 
 
@@ -73,7 +75,8 @@ def test_models_lists_exactly_the_complete_downloads(registry_server):
     assert entry["object"] == "model"
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-coder:0.5b", "qwen2.5-coder:0.5b-4bit", CODER_REPO])
+@pytest.mark.parametrize("name", ["qwen2.5-coder:0.5b", "qwen2.5-coder:0.5b-4bit", CODER_REPO, CODER_REPO.upper(),
+                                  " QWEN2.5-Coder:0.5b "])
 def test_a_pulled_model_is_served_by_any_of_its_names(registry_server, name):
     response = registry_server.client().chat.completions.create(model=name, messages=HELLO, temperature=0)
     assert response.choices[0].message.content == GREETING
@@ -91,7 +94,7 @@ def test_a_pulled_model_is_served_by_any_of_its_names(registry_server, name):
         ("qwen2.5-codr", "qwen2.5-coder"),  # a typo gets close matches
         ("../../etc", "not served here"),  # names cannot reach outside the store
         ("/etc", "not served here"),
-        ("mlx-community/../../x", ""),
+        ("mlx-community/../../x", "not served here"),
     ],
 )
 def test_models_that_are_not_present_get_404_with_a_hint(registry_server, name, hint):
@@ -118,5 +121,25 @@ def test_pull_on_demand_only_when_allowed(hub, tmp_path):
         response = server.client().chat.completions.create(model="qwen3:0.6b", messages=HELLO, temperature=0)
         assert response.choices[0].message.content == "I am Qwen3."
         assert [m["id"] for m in server.get("/v1/models").json()["data"]] == ["qwen3:0.6b-4bit"]
+        # --pull downloads catalog models only: a client cannot make it fetch any repo.
+        refused = server.post("/v1/chat/completions", json={"model": OTHER_REPO, "messages": HELLO})
+        assert refused.status_code == 404
+        assert "downloads only catalog models" in refused.json()["error"]["message"]
+        assert not [r for r in hub.requests if OTHER_REPO in r.path]
+    finally:
+        server.stop()
+
+
+def test_pull_any_downloads_any_repo_and_matches_its_id_in_any_case(hub, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
+    start = mlxd(env, "serve", "--model", OTHER_REPO, "--pull")
+    assert start.returncode == 2 and "--pull downloads only catalog models" in start.stderr
+    server = ServerProcess(tmp_path, ["--pull-any"], env=env).start()
+    try:
+        for name in (OTHER_REPO, OTHER_REPO.upper()):
+            response = server.client().chat.completions.create(model=name, messages=HELLO, temperature=0)
+            assert response.choices[0].message.content == "I am another model."
+            assert response.model == OTHER_REPO
     finally:
         server.stop()

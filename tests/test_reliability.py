@@ -381,8 +381,7 @@ def test_a_model_is_unloaded_only_after_the_next_one_loaded(tmp_path, greeting_m
     broken = shutil.copytree(greeting_model.path, tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     unloads = []  # (model unloaded, models loaded at that moment)
-    slots = ModelSlots(max_loaded=1, keep_alive=-1, trust_remote_code=False,
-                       on_unload=lambda lm: unloads.append((lm.name, list(slots.loaded))))
+    slots = ModelSlots(max_loaded=1, keep_alive=-1, on_unload=lambda lm: unloads.append((lm.name, list(slots.loaded))))
     slots.ensure(ModelRef("greeter", greeting_model.path))
     with pytest.raises(ModelLoadFailed) as failed:
         slots.ensure(ModelRef("broken", broken))

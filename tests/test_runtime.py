@@ -109,7 +109,7 @@ def cold_server(tmp_path_factory, random_model, greeting_model):
     server = ServerProcess(
         tmp_path_factory.mktemp("cold"),
         ["--model", str(greeting_model.path), "--model", str(random_model),
-         "--max-loaded-models", "2", "--prompt-cache-gb", "0"],
+         "--max-loaded-models", "2", "--prompt-cache-gb", "0", "--prompt-cache-disk-gb", "0"],
     ).start()
     yield server
     server.stop()

@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, Request
 
 from mlxd.server.errors import ModelNotFound
+from mlxd.server.runtime import NOT_SERVED
 
 router = APIRouter()
 
@@ -29,4 +30,4 @@ async def get_model(model_id: str, request: Request):
     for info in infos:
         if info["id"] == model_id:
             return _model_object(info, request.app.state.started)
-    raise ModelNotFound(f"The model '{model_id}' does not exist.")
+    raise ModelNotFound(NOT_SERVED)
