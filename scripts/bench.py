@@ -16,6 +16,11 @@ Measures, client side and streamed through a real server:
   * the same second turn of fresh conversations with and without a title
     request in between (medians over --rounds conversations each);
   * aggregate decode tokens/s with 1, 4 and 8 concurrent streams;
+  * decode tokens/s of one stream while another client sends an 8k-token
+    prompt, over the same stream alone, and the longest wait between two of its
+    tokens. The big prompt's prefill is cached beforehand, so what competes with
+    decoding is building its prompt (template, tokenization, checkpoints), which
+    runs off the MLX thread;
   * peak memory: MLX's peak in this process and in the server (the server's
     includes its prefix cache, bounded by --prompt-cache-gb), and the server's RSS;
   * the prefix cache (--cache-tokens, --restart-tokens): a warm turn's TTFT
@@ -153,23 +158,30 @@ class Bench:
             "cached_tokens": usage.prompt_tokens_details.cached_tokens,
         }
 
-    def light_decode(self, n_tokens: int, response_format: dict | None = None) -> float:
+    def light_decode(self, n_tokens: int, response_format: dict | None = None, on_first=None) -> float:
         """Decode tokens/s through the server, read by a minimal SSE client
         (httpx and json.loads): the openai SDK's per-chunk parsing shares the
-        CPU with the model on a small machine and shows up as server time."""
+        CPU with the model on a small machine and shows up as server time.
+        `on_first()` runs when the first token arrives; the longest wait between
+        two tokens is kept in `self.max_gap`."""
         body = {"model": self.model_name, "messages": STORY, "max_tokens": n_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}, "logit_bias": self.served_no_eos}
         if response_format:
             body["response_format"] = response_format
         first = last = None
         completion_tokens = 0
+        self.max_gap = 0.0
         with httpx.stream("POST", self.server.base_url + "/v1/chat/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[len("data: "):])
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    last = time.perf_counter()
+                    now = time.perf_counter()
+                    self.max_gap = max(self.max_gap, now - (last or now))
+                    if first is None and on_first is not None:
+                        on_first()
+                    last = now
                     first = first or last
                 if chunk.get("usage"):
                     completion_tokens = chunk["usage"]["completion_tokens"]
@@ -494,6 +506,33 @@ class SyntheticVocabulary:
         return list(text if isinstance(text, bytes) else text.encode())
 
 
+def prompt_build_rows(bench: Bench, n_tokens: int, rounds: int, prompt_tokens: int = 8000) -> list[tuple]:
+    """One stream's decode speed alone, and while another client sends an 8k-token
+    prompt once its first token is out. The big prompt's prefill is cached first:
+    what is left to compete is building the prompt (off the MLX thread) and the
+    prefix-cache hit; a fresh 8k prefill would be the model's own compute."""
+    big = [{"role": "system", "content": system_prompt_of(prompt_tokens, bench.tokenizer)},
+           {"role": "user", "content": "Go on."}]
+    sent = bench.stream(big, max_tokens=1)  # from now on its prefill is a cache hit
+    bench.light_decode(4)
+    alone, beside, gaps_alone, gaps_beside, builds = [], [], [], [], []
+    for _ in range(rounds):
+        alone.append(bench.light_decode(n_tokens))
+        gaps_alone.append(bench.max_gap * 1000)
+        sender = threading.Thread(target=lambda: builds.append(bench.stream(big, max_tokens=1)["ttft"]))
+        beside.append(bench.light_decode(n_tokens, on_first=sender.start))
+        gaps_beside.append(bench.max_gap * 1000)
+        sender.join()
+    ratio = statistics.median(beside) / statistics.median(alone)
+    return [
+        ("decode tokens/s, one stream alone", f"{statistics.median(alone):.1f}",
+         f"median of {rounds}: {_list(alone)}; longest gap {_list(gaps_alone)} ms"),
+        (f"decode tokens/s, while a {sent['prompt_tokens']}-token prompt is sent", f"{statistics.median(beside):.1f}",
+         f"ratio {ratio:.2f}; {_list(beside)}; longest gap {_list(gaps_beside)} ms; "
+         f"the prompt's first token after {_list(b * 1000 for b in builds)} ms"),
+    ]
+
+
 def peak_rss_gb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -521,6 +560,8 @@ def main() -> int:
                         help="system prompt size of the agent turn; the ten tool schemas add about 3,600 "
                              "tokens with the random model's small vocabulary")
     parser.add_argument("--skip-agent", action="store_true", help="only the decode comparison")
+    parser.add_argument("--only-prompt-build", action="store_true",
+                        help="only decode beside a big prompt's build")
     parser.add_argument("--cache-only", action="store_true", help="only the prefix-cache figures")
     parser.add_argument("--cache-tokens", default="2000,16000",
                         help="system prompt sizes of the warm-turn figures, comma-separated")
@@ -548,12 +589,15 @@ def measure(args: argparse.Namespace, work: Path) -> list[tuple]:
     server = ServerProcess(work, ["--model", str(model_dir), "--keep-alive", "-1"]).start()
     try:
         bench = Bench(server, model_dir)
+        if args.only_prompt_build:
+            return prompt_build_rows(bench, args.decode_tokens, args.rounds)
         mx.reset_peak_memory()
         rows = [] if args.cache_only else decode_rows(bench, args.decode_tokens, args.rounds)
         raw_peak = mx.get_peak_memory() / 1e9
         if not args.skip_agent and not args.cache_only:
             rows += agent_rows(bench, args.system_tokens, args.rounds)
             rows += concurrency_rows(bench, args.decode_tokens)
+            rows += prompt_build_rows(bench, args.decode_tokens, args.rounds)
         if not args.skip_agent:
             rows += cache_rows(bench, [int(n) for n in args.cache_tokens.split(",")], min(args.rounds, 3))
         if not args.skip_structured:
