@@ -6,13 +6,15 @@ import time
 from typing import Optional
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from mlxd.server.ledger import Ledger
 from mlxd.server.runtime import Runtime
 
 from . import dashboard, metrics, usage
-from .errors import BodySizeLimit, error_response, install_error_handlers
 from .anthropic import messages
+from .engine_stream import RequestIds
+from .errors import BodySizeLimit, install_error_handlers
 from .openai import chat, models, responses
 from .security import Policy, SecurityMiddleware
 
@@ -38,8 +40,9 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     @app.get("/health")
     async def health(request: Request):
-        if not runtime.engine.healthy:
-            return error_response("the generation thread has stopped", 503, code="engine_down")
+        reason = runtime.engine.degraded_reason
+        if reason is not None:  # restarting after an engine error (or stopped): 503 until it serves again
+            return JSONResponse({"status": "degraded", "reason": reason}, status_code=503)
         loaded = runtime.engine.loaded_models()
         return {
             "status": "ok",
@@ -49,5 +52,5 @@ def create_app(runtime: Runtime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
             "requests": {"active": runtime.engine.batch_size, "queued": runtime.engine.queue_depth},
         }
 
-    # Outermost: Host, Origin and key checks run before a body is read.
-    return SecurityMiddleware(BodySizeLimit(app, max_body_bytes), policy)
+    # Outermost: every answer names its request; then Host, Origin and key checks run before a body is read.
+    return RequestIds(SecurityMiddleware(BodySizeLimit(app, max_body_bytes), policy))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
 
@@ -33,9 +34,45 @@ KEEPALIVE_SECONDS = float(os.environ.get("MLXD_KEEPALIVE_SECONDS", "5"))
 DISCONNECT_POLL_SECONDS = 0.25
 
 
+def request_id(request: Request) -> str:
+    """This HTTP request's id (`req_...` unless a door named it); the response sends
+    it back as `x-request-id` (see `RequestIds`), errors included."""
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        rid = request.state.request_id = f"req_{uuid.uuid4().hex[:24]}"
+    return rid
+
+
+class RequestIds:
+    """ASGI middleware: every response carries its request's id as `x-request-id`:
+    the id a door gave the generation (the response's own id), else a new one."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                rid = state.get("request_id") or f"req_{uuid.uuid4().hex[:24]}"
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 async def submit(request: Request, generation: GenerationRequest) -> tuple[RequestHandle, Optional[Accepted]]:
-    """Queue a request; `accepted` is None when the client left while it waited."""
+    """Queue a request (named by `request_id` if the door did not name it; the
+    response's `x-request-id` is its name); `accepted` is None when the client left
+    while it waited."""
     runtime: Runtime = request.app.state.runtime
+    if generation.request_id:
+        request.state.request_id = generation.request_id
+    else:
+        generation.request_id = request_id(request)
     handle = runtime.engine.submit(generation, asyncio.get_running_loop())
     return handle, await wait_accepted(handle, request)
 
@@ -62,7 +99,7 @@ async def wait_accepted(handle: RequestHandle, request: Request) -> Optional[Acc
 async def batched(handle: RequestHandle) -> AsyncIterator[Union[list, Finish, Failure]]:
     """Group consecutive parsed events into lists (one wire chunk each), passing Finish/Failure alone."""
     while True:
-        events = await handle.events.get()
+        events = await handle.next_events()
         parsed = [e for e in events if not isinstance(e, (Finish, Failure))]
         if parsed:
             yield parsed

@@ -15,7 +15,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from mlxd.server.errors import ContextLengthExceeded, EngineError, EngineUnavailable, InternalError, ModelLoadFailed, ModelNotFound, ModelUnavailable, QueueFull
+from mlxd.server.errors import (
+    ContextLengthExceeded,
+    EngineError,
+    EngineUnavailable,
+    InternalError,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelUnavailable,
+    QueueFull,
+    QueueTimeout,
+)
 
 log = logging.getLogger("mlxd.api")
 
@@ -24,9 +34,10 @@ _STATUS_BY_ERROR = {
     QueueFull: 429,
     ModelLoadFailed: 500,
     ModelUnavailable: 503,
-    EngineUnavailable: 503,
     InternalError: 500,
     ContextLengthExceeded: 400,
+    EngineUnavailable: 503,
+    QueueTimeout: 503,
 }
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -84,7 +95,8 @@ def engine_error_status(error: EngineError) -> int:
 
 
 def engine_error_response(error: EngineError, door: str = "openai") -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, QueueFull) else None
+    retry_after = getattr(error, "retry_after", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return error_response(str(error), engine_error_status(error), param=error.param, code=error.code,
                           headers=headers, door=door)
 

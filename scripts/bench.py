@@ -16,6 +16,11 @@ Measures, client side and streamed through a real server:
   * the same second turn of fresh conversations with and without a title
     request in between (medians over --rounds conversations each);
   * aggregate decode tokens/s with 1, 4 and 8 concurrent streams;
+  * decode tokens/s of one stream while another client sends an 8k-token
+    prompt, over the same stream alone, and the longest wait between two of its
+    tokens. The big prompt's prefill is cached beforehand, so what competes with
+    decoding is building its prompt (template, tokenization, checkpoints), which
+    runs off the MLX thread;
   * peak memory: MLX's peak in this process and in the server (the server's
     includes its prefix cache, bounded by --prompt-cache-gb), and the server's RSS;
   * the prefix cache (--cache-tokens, --restart-tokens): a warm turn's TTFT
@@ -103,12 +108,13 @@ class Bench:
         self.raw_no_eos = make_logits_processors({t: -1e9 for t in eos})
         self.served_no_eos = {str(t): -100 for t in eos}
 
-    def raw_decode(self, n_tokens: int) -> float:
-        """Decode tokens/s of mlx-lm itself, in this process."""
+    def raw_decode(self, n_tokens: int, processor=None) -> float:
+        """Decode tokens/s of mlx-lm itself, in this process (with one more logits processor)."""
         prompt = self.tokenizer.apply_chat_template(STORY, add_generation_prompt=True)
         last = None
         for last in stream_generate(
-            self.model, self.tokenizer, prompt, max_tokens=n_tokens, logits_processors=self.raw_no_eos
+            self.model, self.tokenizer, prompt, max_tokens=n_tokens,
+            logits_processors=self.raw_no_eos + ([processor] if processor else []),
         ):
             pass
         assert last.generation_tokens == n_tokens
@@ -152,26 +158,46 @@ class Bench:
             "cached_tokens": usage.prompt_tokens_details.cached_tokens,
         }
 
-    def light_decode(self, n_tokens: int) -> float:
+    def light_decode(self, n_tokens: int, response_format: dict | None = None, on_first=None) -> float:
         """Decode tokens/s through the server, read by a minimal SSE client
         (httpx and json.loads): the openai SDK's per-chunk parsing shares the
-        CPU with the model on a small machine and shows up as server time."""
+        CPU with the model on a small machine and shows up as server time.
+        `on_first()` runs when the first token arrives; the longest wait between
+        two tokens is kept in `self.max_gap`."""
         body = {"model": self.model_name, "messages": STORY, "max_tokens": n_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}, "logit_bias": self.served_no_eos}
+        if response_format:
+            body["response_format"] = response_format
         first = last = None
         completion_tokens = 0
+        self.max_gap = 0.0
         with httpx.stream("POST", self.server.base_url + "/v1/chat/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[len("data: "):])
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    last = time.perf_counter()
+                    now = time.perf_counter()
+                    self.max_gap = max(self.max_gap, now - (last or now))
+                    if first is None and on_first is not None:
+                        on_first()
+                    last = now
                     first = first or last
                 if chunk.get("usage"):
                     completion_tokens = chunk["usage"]["completion_tokens"]
         assert completion_tokens == n_tokens
         return (completion_tokens - 1) / (last - first)
+
+    def timed_first_chunk(self, response_format: dict) -> float:
+        """Seconds from the request to its one token's finish (max_tokens=1)."""
+        body = {"model": self.model_name, "messages": STORY, "max_tokens": 1, "temperature": 0,
+                "stream": True, "response_format": response_format}
+        start = time.perf_counter()
+        with httpx.stream("POST", self.server.base_url + "/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"finish_reason":"' in line:
+                    return time.perf_counter() - start
+        raise RuntimeError("no output")
 
     def concurrent(self, n: int, max_tokens: int) -> float:
         """Aggregate decode tokens/s of n simultaneous streams with distinct prompts."""
@@ -352,6 +378,161 @@ def concurrency_rows(bench: Bench, max_tokens: int) -> list[tuple]:
     return rows
 
 
+def _schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+
+
+def structured_rows(bench: Bench, n_tokens: int, rounds: int) -> list[tuple]:
+    """Constrained decoding: decode tokens/s of a stream held inside a JSON string
+    (the mask allows almost every token, so it is computed in full each step) over
+    the same stream unconstrained, through the server and in this process with raw
+    mlx-lm; time to first token with a grammar compiled
+    cold and cached (same prompt, prefix-cached, so the grammar is the difference);
+    and, in this process, compile time and the per-token cost of the mask."""
+    from mlxd.server import constrained
+
+    story = _schema_format({"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]})
+    bench.light_decode(4, story)
+    free, held = [], []
+    for _ in range(rounds):
+        free.append(bench.light_decode(n_tokens))
+        held.append(bench.light_decode(n_tokens, story))
+    free_tps, held_tps = statistics.median(free), statistics.median(held)
+
+    def story_processor():
+        return constrained.processor_for(
+            bench.tokenizer, response_format=constrained.ResponseFormat("json_schema", story["json_schema"]["schema"]),
+            tool_format=None, tools=None, tool_choice="auto", forced=False, think=None, starts_in_reasoning=False,
+        )  # fmt: skip
+
+    raw_free, raw_held = [], []
+    for _ in range(rounds):
+        raw_free.append(bench.raw_decode(n_tokens))
+        raw_held.append(bench.raw_decode(n_tokens, story_processor()))
+    raw_ratio = statistics.median(raw_held) / statistics.median(raw_free)
+
+    def tools_schema(i: int) -> dict:  # ten tool-shaped objects: a grammar worth compiling
+        tools = opencode_like_tools()
+        props = {f"{t['function']['name']}_{i}": t["function"]["parameters"] for t in tools}
+        return {"type": "object", "properties": props, "required": list(props)[:1], "additionalProperties": False}
+
+    def ttft(schema: dict) -> float:
+        return bench.timed_first_chunk(_schema_format(schema))
+
+    ttft(tools_schema(-1))  # the prompt is cached from here on
+    cold, cached = [], []
+    for i in range(rounds):
+        cold.append(ttft(tools_schema(i)))
+        cached.append(ttft(tools_schema(i)))
+
+    compile_s, copy_s = [], []
+    for i in range(rounds):
+        grammar = constrained.response_grammar(
+            constrained.ResponseFormat("json_schema", tools_schema(1000 + i)), {}, None, None, False
+        )
+        start = time.perf_counter()
+        constrained.matcher(bench.tokenizer, grammar)
+        compile_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        constrained.matcher(bench.tokenizer, grammar)
+        copy_s.append(time.perf_counter() - start)
+
+    from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
+
+    grammar = constrained.response_grammar(
+        constrained.ResponseFormat("json_schema", story["json_schema"]["schema"]), {}, None, None, False
+    )
+    small = constrained.matcher(bench.tokenizer, grammar)
+    for token in bench.tokenizer.encode('{"story": "', add_special_tokens=False):
+        small.consume_token(token)
+    small_us = _mask_cost_us(small, bench.tokenizer.convert_tokens_to_ids("a"), len(bench.tokenizer))
+    vocabulary = SyntheticVocabulary()
+    big = LLMatcher(LLTokenizer(TokenizerWrapper(vocabulary)), constrained.GRAMMAR_OPTIONS + grammar)
+    for token in b'{"story": "':
+        big.consume_token(token)
+    big_us = _mask_cost_us(big, ord("a"), len(vocabulary.tokens))
+    return [
+        ("decode tokens/s, unconstrained (minimal SSE client)", f"{free_tps:.1f}", f"median of {rounds}: {_list(free)}"),
+        ("decode tokens/s, inside a JSON-schema string", f"{held_tps:.1f}",
+         f"ratio {held_tps / free_tps:.3f}; {_list(held)}"),
+        ("the same in process (mlx_lm, grammar processor or not)", f"{raw_ratio:.3f}",
+         f"ratio of medians; {_list(raw_free)} / {_list(raw_held)}"),
+        ("TTFT, new grammar (10 tool-shaped objects)", _ms(statistics.median(cold)), _list(v * 1000 for v in cold)),
+        ("TTFT, cached grammar", _ms(statistics.median(cached)),
+         f"x{statistics.median(cached) / statistics.median(cold):.2f} of new; {_list(v * 1000 for v in cached)}"),
+        ("grammar compile, in process (cold / cached copy)",
+         f"{statistics.median(compile_s) * 1000:.2f} ms", f"{statistics.median(copy_s) * 1000:.3f} ms cached"),
+        (f"grammar processor per token, vocabulary {len(bench.tokenizer)}", f"{small_us:.0f} us",
+         "in a JSON string: advance + full bitmask + MLX apply"),
+        (f"grammar processor per token, vocabulary {len(vocabulary.tokens)} (synthetic)", f"{big_us:.0f} us", ""),
+    ]
+
+
+def _mask_cost_us(matcher, letter: int, width: int, steps: int = 200) -> float:
+    """The grammar processor's time per step inside a JSON string (the matcher has
+    read `{"story": "`), where nearly every token is allowed: advance by one letter,
+    compute the full bitmask, apply it to the logits."""
+    from mlxd.server import constrained
+
+    processor = constrained.GrammarProcessor(matcher, [])
+    processor.started = True  # each call advances the matcher by the last token: a letter
+    logits = mx.zeros((1, width))
+    tokens = mx.array([letter])
+    start = time.perf_counter()
+    for _ in range(steps):
+        mx.eval(processor(tokens, logits))
+    return (time.perf_counter() - start) / steps * 1e6
+
+
+class SyntheticVocabulary:
+    """A byte-level vocabulary of `size` tokens (every byte, then random text pieces):
+    the mask's cost at the size of real models' vocabularies (Qwen: 151,936)."""
+
+    def __init__(self, size: int = 151_936, seed: int = 0):
+        import random
+
+        rng, alphabet = random.Random(seed), "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-.,:;'()/\n"
+        pieces = {bytes([b]) for b in range(256)}
+        self.tokens = [bytes([b]) for b in range(256)]
+        while len(self.tokens) < size - 1:
+            piece = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 9))).encode()
+            if piece not in pieces:
+                pieces.add(piece)
+                self.tokens.append(piece)
+        self.tokens.append(b"<eos>")
+        self.eos_token_id, self.bos_token_id, self.special_token_ids = size - 1, None, [size - 1]
+
+    def __call__(self, text) -> list[int]:
+        return list(text if isinstance(text, bytes) else text.encode())
+
+
+def prompt_build_rows(bench: Bench, n_tokens: int, rounds: int, prompt_tokens: int = 8000) -> list[tuple]:
+    """One stream's decode speed alone, and while another client sends an 8k-token
+    prompt once its first token is out. The big prompt's prefill is cached first:
+    what is left to compete is building the prompt (off the MLX thread) and the
+    prefix-cache hit; a fresh 8k prefill would be the model's own compute."""
+    big = [{"role": "system", "content": system_prompt_of(prompt_tokens, bench.tokenizer)},
+           {"role": "user", "content": "Go on."}]
+    sent = bench.stream(big, max_tokens=1)  # from now on its prefill is a cache hit
+    bench.light_decode(4)
+    alone, beside, gaps_alone, gaps_beside, builds = [], [], [], [], []
+    for _ in range(rounds):
+        alone.append(bench.light_decode(n_tokens))
+        gaps_alone.append(bench.max_gap * 1000)
+        sender = threading.Thread(target=lambda: builds.append(bench.stream(big, max_tokens=1)["ttft"]))
+        beside.append(bench.light_decode(n_tokens, on_first=sender.start))
+        gaps_beside.append(bench.max_gap * 1000)
+        sender.join()
+    ratio = statistics.median(beside) / statistics.median(alone)
+    return [
+        ("decode tokens/s, one stream alone", f"{statistics.median(alone):.1f}",
+         f"median of {rounds}: {_list(alone)}; longest gap {_list(gaps_alone)} ms"),
+        (f"decode tokens/s, while a {sent['prompt_tokens']}-token prompt is sent", f"{statistics.median(beside):.1f}",
+         f"ratio {ratio:.2f}; {_list(beside)}; longest gap {_list(gaps_beside)} ms; "
+         f"the prompt's first token after {_list(b * 1000 for b in builds)} ms"),
+    ]
+
+
 def peak_rss_gb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -379,11 +560,14 @@ def main() -> int:
                         help="system prompt size of the agent turn; the ten tool schemas add about 3,600 "
                              "tokens with the random model's small vocabulary")
     parser.add_argument("--skip-agent", action="store_true", help="only the decode comparison")
+    parser.add_argument("--only-prompt-build", action="store_true",
+                        help="only decode beside a big prompt's build")
     parser.add_argument("--cache-only", action="store_true", help="only the prefix-cache figures")
     parser.add_argument("--cache-tokens", default="2000,16000",
                         help="system prompt sizes of the warm-turn figures, comma-separated")
     parser.add_argument("--restart-tokens", type=int, default=8000,
                         help="system prompt size of the restart figure")
+    parser.add_argument("--skip-structured", action="store_true", help="leave out constrained decoding")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as work:
         rows = measure(args, Path(work))
@@ -405,14 +589,19 @@ def measure(args: argparse.Namespace, work: Path) -> list[tuple]:
     server = ServerProcess(work, ["--model", str(model_dir), "--keep-alive", "-1"]).start()
     try:
         bench = Bench(server, model_dir)
+        if args.only_prompt_build:
+            return prompt_build_rows(bench, args.decode_tokens, args.rounds)
         mx.reset_peak_memory()
         rows = [] if args.cache_only else decode_rows(bench, args.decode_tokens, args.rounds)
         raw_peak = mx.get_peak_memory() / 1e9
         if not args.skip_agent and not args.cache_only:
             rows += agent_rows(bench, args.system_tokens, args.rounds)
             rows += concurrency_rows(bench, args.decode_tokens)
+            rows += prompt_build_rows(bench, args.decode_tokens, args.rounds)
         if not args.skip_agent:
             rows += cache_rows(bench, [int(n) for n in args.cache_tokens.split(",")], min(args.rounds, 3))
+        if not args.skip_structured:
+            rows += structured_rows(bench, args.decode_tokens, args.rounds)
         memory = server.get("/health").json()["memory"]
         rows.append(("peak memory, raw mlx_lm (MLX)", f"{raw_peak:.2f} GB", ""))
         rows.append(("peak memory, mlxd (MLX)", f"{memory['mlx_peak_bytes'] / 1e9:.2f} GB",

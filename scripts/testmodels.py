@@ -535,8 +535,6 @@ def _split_end(script: str, family: Family) -> tuple[str, str]:
 
 
 def _chunk_texts(script: str, markers: tuple[str, ...]) -> list[str]:
-    if script[:1].isspace():
-        raise ValueError("a script must not start with whitespace (detokenizers trim it)")
     if not script.isascii():
         raise ValueError("a script must be ASCII")
     segments = _segments(script, markers)
@@ -790,7 +788,7 @@ def build_scripted_model(
 
     A script may end with another of the family's end tokens instead, such as
     harmony's ``<|call|>``; that token then ends it in place of eos. Scripts
-    are ASCII and must not start with whitespace. The scripted token leads
+    are ASCII; mlxd passes their leading whitespace on. The scripted token leads
     every other by ~30 logits, so sampling at ordinary temperatures gives the
     same tokens.
     """

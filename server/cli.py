@@ -64,6 +64,18 @@ def trusted_models(served: list[_ServedModel], trust_all: bool, trust_for: list[
     return frozenset(m.name for m in served if trust_all or m.arg in wanted or m.name in wanted)
 
 
+def _preload_problem(preload: list[_ServedModel], max_loaded: int) -> str | None:
+    """Why the --model list cannot be served as given: a name twice, or more models than may be loaded."""
+    names = [ref.name for ref in preload]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        return f"--model names {', '.join(twice)} more than once (models are served under their directory or registry name)"
+    if len(preload) > max_loaded:
+        return (f"{len(preload)} --model given but --max-loaded-models is {max_loaded}; "
+                f"raise --max-loaded-models or load fewer models at start")
+    return None
+
+
 def _starter(args: argparse.Namespace) -> tuple[Path | None, bool]:
     """The starter's directory, and whether it is the default: it is (and is fetched once)
     when no --model is given and nothing else is downloaded; otherwise a cached copy is
@@ -119,6 +131,10 @@ def _serve(args: argparse.Namespace) -> int:
     except (registry.RegistryError, ValueError, OSError) as e:
         print(f"mlxd: {e}", file=sys.stderr)
         return 2
+    problem = _preload_problem(preload, args.max_loaded_models)
+    if problem:
+        print(f"mlxd: {problem}", file=sys.stderr)
+        return 2
     policy = policy_for(args.host, keys, args.allowed_host or [], args.cors_origin or [])
     local = {ref.name: ref.path for ref in preload if ref.local}
     starter_path, starter_listed = _starter(args) if not args.distributed else (None, False)
@@ -151,6 +167,8 @@ def _serve(args: argparse.Namespace) -> int:
         prompt_cache_bytes=int(args.prompt_cache_gb * (1 << 30)),
         prompt_cache_dir=args.prompt_cache_dir or mlxd_home() / "kv",
         prompt_cache_disk_bytes=int(args.prompt_cache_disk_gb * (1 << 30)),
+        queue_timeout=args.queue_timeout,
+        client_timeout=args.client_timeout,
         on_request_end=ledger.record,
         **(member.engine_hooks() if member else {}),
     )
@@ -159,7 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
         member.serving(engine.abandon)
     runtime = Runtime(engine, local, pull_on_demand=args.pull, pull_any=args.pull_any, trusted=trusted,
                       starter=starter_path, starter_listed=starter_listed, aliases=aliases)
-    for ref in preload[: args.max_loaded_models]:
+    for ref in preload:
         engine.preload(ModelRef(ref.name, ref.path, ref.tool_format, trust_remote_code=ref.name in trusted))
     if starter_listed:  # no --model: the starter is what this server serves
         engine.preload(ModelRef(registry.STARTER, starter_path))
@@ -185,16 +203,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlxd", description="Local OpenAI-compatible LLM server on MLX.")
     parser.add_argument("--version", action="version", version=f"mlxd {version()}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
     serve.add_argument("--model", action="append",
                        help="a model to load at start: a registry name (qwen2.5-coder:7b), a repo id or a "
-                            "local model directory; repeatable")
+                            "local model directory; repeatable, up to --max-loaded-models")
     serve.add_argument("--pull", action="store_true",
                        help="download models that are not present, for --model and for requests (off by default)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -240,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     # usage ledger
     serve.add_argument("--usage-retention-days", type=float, default=365,
                        help="days the usage ledger keeps each request's row (default: 365)")
+    # reliability
+    serve.add_argument("--queue-timeout", type=float, default=600.0,
+                       help="seconds a request may wait to start before it gets 503 (default: 600)")
+    serve.add_argument("--client-timeout", type=float, default=60.0,
+                       help="seconds a streaming client may stop reading before it is dropped (default: 60)")
+    serve.add_argument("--log-level", default=argparse.SUPPRESS, choices=_LOG_LEVELS,
+                       help="also accepted after the subcommand")
     # distributed (several machines; see server/distributed.py)
     serve.add_argument("--distributed", action="store_true",
                        help="serve the --model as one rank of an mlx.launch group (mlxd launch adds this)")

@@ -181,7 +181,7 @@ def load_shard(name: str, path: Path, group, shard: Optional[str], trust_remote_
 
     from mlxd.registry import config_context_length
 
-    from .models import DEFAULT_CONTEXT_LENGTH, LoadedModel, sampling_defaults_of
+    from .models import DEFAULT_CONTEXT_LENGTH, LoadedModel, _keep_first_space, sampling_defaults_of
 
     path = Path(path)
     start = time.perf_counter()
@@ -201,6 +201,7 @@ def load_shard(name: str, path: Path, group, shard: Optional[str], trust_remote_
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, {"trust_remote_code": trust_remote_code},
                                eos_token_ids=config.get("eos_token_id"))
+    _keep_first_space(tokenizer)  # as models.load_model: the same text as one process
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # every rank has its shard
     nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     lm = LoadedModel(

@@ -1,37 +1,49 @@
 """The generation loop: one thread owns MLX and serves every request through it.
 
-Requests arrive on a thread-safe inbox. The engine thread loads models, builds
-prompts, reuses cached prefixes, and runs mlx-lm's `BatchGenerator` so that
-concurrent requests share each decode step. Events go back to each request's
-asyncio queue with `call_soon_threadsafe`, so the event loop never blocks on MLX.
+Requests arrive on a thread-safe inbox. The engine thread loads models, hands
+prompt building to worker threads (`prompt_builder`), reuses cached prefixes, and
+runs mlx-lm's `BatchGenerator` so that concurrent requests share each decode step.
+Events go back to each request's asyncio queue with `call_soon_threadsafe`, so the
+event loop never blocks on MLX.
+
+The loop is supervised: an error tied to one request (its prompt, its output
+parsing) ends that request alone; an error in the batch step ends the batch's
+requests and starts a fresh batch; any other error fails every request at once,
+marks the engine degraded (new requests get 503) and restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import ContextLengthExceeded, EngineError, EngineUnavailable, InternalError, InvalidPrompt, ModelLoadFailed, QueueFull
+from . import constrained
+from .errors import EngineError, EngineUnavailable, InternalError
 from .events import Failure, Finish, ReasoningDelta, TokenLogprob, Usage
 from .ledger import RequestRecord
 from .lockstep import Steps
-from .models import LoadedModel, load_model
-from .output import OutputParser, output_format_for
+from .model_slots import ModelSlots
+from .models import LoadedModel
+from .output import OutputParser
 from .prefix_cache import PrefixCache
-from .prompt import offered_tools, request_prompt
+from .request_log import ledger_record, log_request
+from .scheduler import Scheduler
 
 log = logging.getLogger("mlxd.engine")
 
 # Fallbacks when neither the request nor the model's generation_config sets them
 # (OpenAI's defaults).
 DEFAULT_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+# Event batches (about one per token) a request may have waiting for its client;
+# a client this far behind is dropped even before --client-timeout.
+MAX_EVENT_BACKLOG = 4096
+# Restart attempts after an engine error wait 0.5 s, 1 s, 2 s, ... up to this.
+MAX_RESTART_BACKOFF_S = 30.0
 
 
 @dataclass
@@ -84,6 +96,8 @@ class GenerationRequest:
     client: str = "other"
     # The chat template's `enable_thinking` switch (Qwen3 and kin); None: its default.
     thinking: Optional[bool] = None
+    # Content constrained to JSON; None: free text.
+    response_format: Optional[constrained.ResponseFormat] = None
 
 
 @dataclass(frozen=True)
@@ -98,7 +112,10 @@ class Accepted:
 
 
 class RequestHandle:
-    """The asyncio side of one request: an acceptance future and an event queue."""
+    """The asyncio side of one request: an acceptance future and an event queue.
+
+    The queue is bounded by the engine: it counts what was pushed and what the
+    reader took, and drops a request whose client falls too far behind."""
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
         self.request = request
@@ -106,15 +123,32 @@ class RequestHandle:
         self.accepted: asyncio.Future = loop.create_future()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
-        self.submitted_at = time.perf_counter()  # for the usage ledger's queue time and TTFT
+        self.submitted_at = time.perf_counter()  # for the queue timeout, the usage ledger's queue time and TTFT
         self.submitted_wall = time.time()
+        self.prepared = None  # prompt_builder.Prepared, once built
+        self.dropped: Optional[str] = None  # why the engine dropped it, if it did
+        self.released = False
+        self._pushed = 0  # event batches pushed (engine thread)
+        self._taken = 0  # event batches read (event loop)
+        self.last_read = time.monotonic()
 
     def cancel(self) -> None:
         """Called from asyncio when the client goes away; the engine drops it at the next step."""
         self.cancelled = True
 
+    async def next_events(self) -> list:
+        """The next batch of events (readers call this rather than reading the queue)."""
+        events = await self.events.get()
+        self._taken += 1
+        self.last_read = time.monotonic()
+        return events
+
+    def backlog(self) -> int:
+        return self._pushed - self._taken
+
     # Engine-thread side -------------------------------------------------
     def _accept(self, accepted: Accepted) -> None:
+        self.last_read = time.monotonic()
         self.loop.call_soon_threadsafe(_resolve, self.accepted, accepted, None)
 
     def _reject(self, error: Exception) -> None:
@@ -122,7 +156,18 @@ class RequestHandle:
 
     def _push(self, events: list) -> None:
         if events:
+            self._pushed += 1
             self.loop.call_soon_threadsafe(self.events.put_nowait, events)
+
+    def _stalled(self, client_timeout: float) -> Optional[str]:
+        """Why the client counts as gone although connected: it read nothing for too long, or is too far behind."""
+        backlog = self.backlog()
+        if backlog >= MAX_EVENT_BACKLOG:
+            return f"the client is {backlog} events behind"
+        idle = time.monotonic() - self.last_read
+        if backlog > 0 and idle > client_timeout:
+            return f"the client read nothing for {idle:.0f} s"
+        return None
 
 
 def _resolve(future: asyncio.Future, value, error) -> None:
@@ -166,31 +211,31 @@ class Engine:
         prompt_cache_dir: Optional[Path] = None,
         prompt_cache_disk_bytes: int = 0,
         trust_remote_code: bool = False,
+        queue_timeout: float = 600.0,
+        client_timeout: float = 60.0,
         on_request_end: Optional[Callable[[RequestRecord], None]] = None,
         link=None,
         loader: Optional[Callable[..., LoadedModel]] = None,
     ):
         self.max_loaded_models = max(1, max_loaded_models)
         self.keep_alive = keep_alive
+        self.trust_remote_code = trust_remote_code
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.prefill_step_size = prefill_step_size
         self.prompt_cache_bytes = prompt_cache_bytes
         self.prompt_cache_entries = prompt_cache_entries
-        self.trust_remote_code = trust_remote_code
+        self.client_timeout = client_timeout
         # Called on the engine thread with one record per request, however it ends;
         # it must only hand the record on (the usage ledger queues it for its writer).
         self.on_request_end = on_request_end
-        # distributed: rank 0's line to the other ranks (distributed.Link), and the loader
-        # that hands out this rank's shard of the group's one model
+        # distributed: rank 0's line to the other ranks (distributed.Link)
         self._link = link
-        self._load = loader or load_model
 
-        self._inbox: queue.Queue = queue.Queue()
-        self._waiting: deque[RequestHandle] = deque()
-        self._in_flight = 0
-        self._count_lock = threading.Lock()
-        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._scheduler = Scheduler(max_in_flight=max_batch_size + max_queue, queue_timeout=queue_timeout,
+                                    on_release=self._record)
+        self._models = ModelSlots(max_loaded=max_loaded_models, keep_alive=keep_alive, on_unload=self._on_unload,
+                                  loader=loader)
         self._current: Optional[LoadedModel] = None
         self._steps: Optional[Steps] = None  # the batch, and the prefix cache's operations
         self._active: dict[int, _Active] = {}
@@ -211,55 +256,54 @@ class Engine:
 
     def stop(self) -> None:
         self._stopping = True
-        self._inbox.put(None)
+        self._scheduler.inbox.put(None)
         self._thread.join(timeout=30)
+        self._scheduler.close()
 
     @property
     def healthy(self) -> bool:
         return self._thread.is_alive() and self._degraded is None
 
+    @property
+    def degraded_reason(self) -> Optional[str]:
+        """Why the engine is not serving (restarting after an error, or stopped); None when it is."""
+        if not self._thread.is_alive():
+            return "the generation thread has stopped"
+        return self._degraded
+
     def abandon(self, error: EngineError) -> None:
         """The process exits next (a distributed group lost a rank): every request fails
-        now with `error`. Any thread: the engine thread may be stuck in an MLX collective
-        that never returns."""
+        now with `error`, and new ones are refused with it. Any thread: the engine thread
+        may be stuck in an MLX collective that never returns."""
         self._degraded = str(error)
         for active in list(self._active.values()):
             active.handle._push([Failure(str(error), active.usage)])
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, RequestHandle):
-                self._waiting.append(item)
-        for handle in list(self._waiting):
-            handle._reject(error)
+        self._scheduler.fail_all(error)
 
     def preload(self, ref: ModelRef) -> None:
         """Load a model in the engine thread now rather than on first use."""
-        self._inbox.put(("load", ref))
+        self._scheduler.inbox.put(("load", ref))
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:
-        """Queue a request; raises QueueFull when active and waiting slots are all taken."""
-        if self._degraded is not None:
-            raise EngineUnavailable(self._degraded)
-        with self._count_lock:
-            if self._in_flight >= self.max_batch_size + self.max_queue:
-                raise QueueFull(retry_after=2)
-            self._in_flight += 1
+        """Queue a request; raises QueueFull when active and waiting slots are all taken,
+        EngineUnavailable while the engine restarts."""
+        reason = self.degraded_reason
+        if reason is not None:
+            raise EngineUnavailable(reason)
         handle = RequestHandle(request, loop)
-        self._inbox.put(handle)
+        self._scheduler.submit(handle)
         return handle
 
     def prompt_format(self, name: str):
         """The (tokenizer, OutputFormat) of loaded model `name`, or None; any thread may
         render prompts with them (rendering and encoding do not change the tokenizer)."""
-        lm = self._loaded.get(name)
+        lm = self._models.get(name)
         return (lm.tokenizer, lm.output_format) if lm is not None and lm.output_format is not None else None
+
     @property
     def queue_depth(self) -> int:
         """Requests submitted and not yet decoding (waiting or having their prompt built)."""
-        return max(0, self._in_flight - len(self._active))
+        return max(0, self._scheduler.in_flight - len(self._active))
 
     @property
     def batch_size(self) -> int:
@@ -277,7 +321,7 @@ class Engine:
                 "memory_bytes": m.nbytes,
                 "idle_seconds": 0.0 if m.name == busy else round(now - m.last_used, 1),
             }
-            for m in list(self._loaded.values())
+            for m in list(self._models.loaded.values())
         ]
 
     def memory(self) -> dict:
@@ -294,95 +338,148 @@ class Engine:
         }
 
     # ------------------------------------------------------------------
-    # Engine thread
+    # Engine thread: the supervised loop
     def _run(self) -> None:
         import mlx.core as mx
 
         self._stream = mx.new_stream(mx.default_device())
-        self._steps = Steps(stream=self._stream, prefix_cache=self._prompt_cache, max_batch_size=self.max_batch_size,
-                            prefill_step_size=self.prefill_step_size, link=self._link)
+        self._steps = self._new_steps()
         while not self._stopping:
-            self._take_inbox(block=not self._active and not self._waiting)
-            self._admit_waiting()
-            if self._active:
-                self._step_safely()
-            else:
-                self._unload_idle()
-                self._steps.idle()
+            try:
+                self._iterate()
+            except Exception as e:
+                try:
+                    self._fail_everything(e)
+                except Exception:
+                    log.exception("failing the requests after an engine error raised too")
+                self._recover()
         for active in list(self._active.values()):  # the server is stopping under them
             self._release(active.handle, None, outcome="cancelled", reason="shutdown", active=active)
         self._active.clear()
         self._close_batch()
         self._prompt_cache.close()
 
-    def _take_inbox(self, block: bool) -> None:
-        timeout = 1.0 if block else None
-        while True:
+    def _iterate(self) -> None:
+        self._take_inbox(block=not self._active and not self._scheduler.waiting)
+        self._scheduler.expire()
+        self._admit_waiting()
+        if self._active:
+            self._step_safely()
+        else:
+            self._models.unload_idle()
+            self._steps.idle()
+
+    def _fail_everything(self, error: Exception) -> None:
+        """The engine cannot go on: every request it holds gets an error now."""
+        reason = f"{type(error).__name__}: {error}"
+        self._degraded = reason
+        log.exception("engine error outside any one request; failing every request and restarting")
+        for uid, active in list(self._active.items()):
+            self._finish(uid, active, Failure(f"the engine failed and restarts ({reason})", active.usage))
+        if not self._scheduler.fail_all(EngineUnavailable(reason)):
+            self._stopping = True
+
+    def _recover(self) -> None:
+        """Start over from nothing (models load again on next use), retrying with backoff."""
+        attempt = 0
+        while not self._stopping:
             try:
-                item = self._inbox.get(block=block, timeout=timeout) if block else self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            block = False
+                self._restart()
+            except Exception:
+                attempt += 1
+                delay = min(MAX_RESTART_BACKOFF_S, 0.5 * 2 ** (attempt - 1))
+                log.exception("engine restart failed (attempt %d); retrying in %.1f s", attempt, delay)
+                time.sleep(delay)
+                continue
+            log.info("engine restarted after: %s; models load again on next use", self._degraded)
+            self._degraded = None
+            return
+
+    def _restart(self) -> None:
+        import gc
+
+        import mlx.core as mx
+
+        self._active.clear()
+        steps, self._steps, self._current = self._steps, None, None
+        if steps is not None:
+            try:
+                steps.close()
+            except Exception:
+                log.warning("closing the failed batch raised; dropping it", exc_info=True)
+        self._models.clear()
+        self._steps = self._new_steps()
+        self._steps.spill()  # the saved caches were whole before the error: RAM to disk
+        gc.collect()
+        mx.clear_cache()
+
+    # ------------------------------------------------------------------
+    # Engine thread: requests in
+    def _take_inbox(self, block: bool) -> None:
+        for item in self._scheduler.take(block, self._models.get):
             if item is None:
                 return
-            if isinstance(item, tuple) and item[0] == "load":
-                try:
-                    self._ensure_loaded(item[1])
-                except EngineError as e:
-                    log.error("%s", e)
-            else:
-                self._waiting.append(item)
+            try:
+                self._models.ensure(item[1])  # ("load", ref): the batch switches to it on first use
+            except EngineError as e:
+                log.error("%s", e)
 
     def _admit_waiting(self) -> None:
         """Admit waiting requests in order; a request for another model waits for the batch to drain."""
-        for handle in [h for h in self._waiting if h.cancelled]:  # their places go to new requests
-            self._waiting.remove(handle)
-            self._release(handle, None, outcome="cancelled", reason="queued")
-            log.info("request cancelled by the client while queued")
-        while self._waiting and len(self._active) < self.max_batch_size:
-            handle = self._waiting[0]
+        waiting = self._scheduler.waiting
+        while waiting and len(self._active) < self.max_batch_size:
+            handle = waiting[0]
             model_name = handle.request.model.name
             if self._active and self._current is not None and self._current.name != model_name:
                 return
-            self._waiting.popleft()
+            waiting.popleft()
             try:
-                self._admit(handle)
+                lm = self._ensure_loaded(handle.request.model)  # other errors here are the engine's
             except EngineError as e:
                 self._release(handle, e, outcome="rejected", reason=e.code)
-            except Exception as e:  # a bug must not kill the engine
-                log.exception("could not start request")
-                self._release(handle, InternalError(f"could not start the request: {e}"), outcome="failed",
-                              reason=InternalError.code)
+                continue
+            try:
+                if handle.prepared is None:
+                    self._scheduler.build(handle, lm)
+                else:
+                    self._admit(handle, lm)
+            except EngineError as e:
+                self._release(handle, e, outcome="rejected", reason=e.code)
+            except Exception as e:  # tied to this request: it alone fails
+                log.exception("[%s] could not start the request", handle.request.request_id)
+                self._release(handle, InternalError(f"could not start the request: {type(e).__name__}: {e}"),
+                              outcome="failed", reason=InternalError.code)
 
     def _release(self, handle: RequestHandle, error: Optional[Exception], *, outcome: str, reason: str,
                  active: Optional[_Active] = None) -> None:
-        with self._count_lock:
-            self._in_flight -= 1
-        if error is not None:
-            handle._reject(error)
-        if self.on_request_end is not None:
-            try:
-                self.on_request_end(_ledger_record(handle, active, outcome, reason, error))
-            except Exception:
-                log.exception("could not hand the request's record to the usage ledger")
+        self._scheduler.release(handle, error, outcome=outcome, reason=reason, active=active)
 
+    def _record(self, handle: RequestHandle, error: Optional[Exception], outcome: str, reason: str,
+                active: Optional[_Active]) -> None:
+        """Hand the request's usage-ledger record on, once, however the request ended."""
+        if self.on_request_end is None:
+            return
+        try:
+            self.on_request_end(ledger_record(handle, active, outcome, reason, error))
+        except Exception:
+            log.exception("[%s] could not hand the request's record to the usage ledger", handle.request.request_id)
+
+    # ------------------------------------------------------------------
+    # Engine thread: models
     def _ensure_loaded(self, ref: ModelRef) -> LoadedModel:
-        lm = self._loaded.get(ref.name)
-        if lm is None:
-            while len(self._loaded) >= self.max_loaded_models:
-                self._unload(next(iter(self._loaded)), "to make room")
-            try:
-                lm = self._load(ref.name, ref.path, trust_remote_code=ref.trust_remote_code)
-            except Exception as e:
-                log.exception("loading %s failed", ref.name)  # the reason may name paths: log only
-                raise ModelLoadFailed(f"model {ref.name!r} could not be loaded; the server log says why") from e
-            lm.output_format = output_format_for(lm.tokenizer, tool_format=ref.tool_format)
-            log.info("model %s: tool-call format %s", ref.name, lm.output_format.name or "none")
-            self._loaded[ref.name] = lm
-        self._loaded.move_to_end(ref.name)
+        lm = self._models.ensure(ref)
         if self._current is not lm:
             self._switch_to(lm)
         return lm
+
+    def _on_unload(self, lm: LoadedModel) -> None:
+        if self._current is lm:
+            self._close_batch()
+        self._steps.spill()
+
+    def _new_steps(self) -> Steps:
+        return Steps(stream=self._stream, prefix_cache=self._prompt_cache, max_batch_size=self.max_batch_size,
+                     prefill_step_size=self.prefill_step_size, link=self._link)
 
     def _switch_to(self, lm: LoadedModel) -> None:
         self._close_batch()
@@ -394,71 +491,45 @@ class Engine:
             self._steps.close()
         self._current = None
 
-    def _unload(self, name: str, why: str) -> None:
-        """Drop a model and every reference to it, then give its memory back."""
-        import gc
-
-        import mlx.core as mx
-
-        if self._current is self._loaded.pop(name):
-            self._close_batch()
-        self._steps.spill()
-        log.info("unloaded model %s (%s)", name, why)
-        gc.collect()
-        mx.clear_cache()
-
-    def _unload_idle(self) -> None:
-        if self.keep_alive < 0:
-            return
-        now = time.monotonic()
-        idle = [name for name, lm in self._loaded.items() if now - lm.last_used > self.keep_alive]
-        for name in idle:
-            self._unload(name, f"idle for {self.keep_alive:.0f} s")
-
-    def _admit(self, handle: RequestHandle) -> None:
+    # ------------------------------------------------------------------
+    # Engine thread: generation
+    def _admit(self, handle: RequestHandle, lm: LoadedModel) -> None:
         req = handle.request
-        lm = self._ensure_loaded(req.model)
-        tokenizer = lm.tokenizer
-        fmt = lm.output_format
-        tools = offered_tools(req)
-        try:
-            # A trimmable cache is saved whole at the end and serves every prefix of
-            # it, so only the system prompt is checkpointed, for requests that share
-            # it while this one runs; other caches resume at message checkpoints.
-            prompt = request_prompt(tokenizer, fmt, req, recent_checkpoints=not lm.cache_trimmable)
-        except ValueError as e:
-            raise InvalidPrompt(str(e)) from e
-        prefix = prompt.suffix
+        prepared = handle.prepared
+        prompt = prepared.prompt
         n_prompt = len(prompt.tokens)
-        if n_prompt >= lm.context_length:
-            raise ContextLengthExceeded(lm.context_length, n_prompt)
-        bias = req.sampling.logit_bias or {}
-        if any(not 0 <= t < len(tokenizer) for t in bias):
-            raise InvalidPrompt(f"logit_bias token ids must be between 0 and {len(tokenizer) - 1}", param="logit_bias")
-        room = lm.context_length - n_prompt
-        max_tokens = min(req.max_tokens, room) if req.max_tokens else room
 
         sampling = _effective_sampling(req.sampling, lm.sampling_defaults)
         sampling.update(seed=req.sampling.seed, logit_bias=req.sampling.logit_bias,
                         presence_penalty=req.sampling.presence_penalty,
                         frequency_penalty=req.sampling.frequency_penalty)
-        uid, n_cached = self._steps.admit(
-            prompt.tokens, prompt.checkpoints, max_tokens, sampling,
-            [(t,) for t in tokenizer.eos_token_ids],  # as mlx-lm's make_stop_sequences
+        fmt = lm.output_format
+        grammar = dict(  # constrained.processor_for's arguments; Steps builds it with the tokenizer
+            response_format=req.response_format,
+            tool_format=fmt.name,
+            tools=prepared.tools,
+            tool_choice=req.tool_choice,
+            forced=bool(prompt.suffix),
+            think=(fmt.think_start, fmt.think_end) if fmt.think_start and fmt.think_end else None,
+            starts_in_reasoning=prompt.starts_in_reasoning,
         )
-        checkpoints = {n: kind for n, kind in prompt.checkpoints.items() if n > n_cached}
         parser = OutputParser(
-            fmt,
-            tools=tools,
+            lm.output_format,
+            tools=prepared.tools,
             tool_choice=req.tool_choice,
             parallel_tool_calls=req.parallel_tool_calls,
-            stop=req.stop,
+            stop=req.stop if req.response_format is None else (),  # a stop string must not cut the JSON
             starts_in_reasoning=prompt.starts_in_reasoning,
-            prefix=prefix,
+            prefix=prompt.suffix,
         )
+        uid, n_cached = self._steps.admit(
+            prompt.tokens, prompt.checkpoints, prepared.max_tokens, sampling, grammar,
+            [(t,) for t in lm.tokenizer.eos_token_ids],  # as mlx-lm's make_stop_sequences
+        )
+        checkpoints = {n: kind for n, kind in prompt.checkpoints.items() if n > n_cached}
         self._active[uid] = _Active(
             handle=handle,
-            detokenizer=tokenizer.detokenizer,
+            detokenizer=lm.tokenizer.detokenizer,
             parser=parser,
             usage=Usage(prompt_tokens=n_prompt, cached_tokens=n_cached),
             checkpoints=checkpoints,
@@ -476,7 +547,7 @@ class Engine:
             for uid, active in list(self._active.items()):
                 self._finish(uid, active, Failure(f"generation failed: {e}", active.usage))
             if self._current is not None:
-                self._switch_to(self._current)  # a fresh batch
+                self._switch_to(self._current)  # a fresh batch; if this fails, the engine restarts
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -488,21 +559,44 @@ class Engine:
             active = self._active.get(r.uid)
             if active is None:
                 continue
-            self._on_token(r, active)
+            try:
+                self._on_token(r, active)
+            except Exception as e:  # its parser, detokenizer or logprobs: this request alone fails
+                self._fail_request(r, active, e)
         if self._current is not None:
             self._current.last_used = time.monotonic()
 
+    def _fail_request(self, r, active: _Active, error: Exception) -> None:
+        log.exception("[%s] processing the output failed; ending this request", active.handle.request.request_id)
+        if r.uid not in self._active:
+            return  # it had finished already
+        if r.finish_reason is None and not active.parser.stopped:  # a stopped parser took it out already
+            self._steps.remove([r.uid])
+        self._finish(r.uid, active, Failure(f"processing the output failed: {type(error).__name__}: {error}",
+                                            active.usage))
+
     def _drop_cancelled(self) -> None:
+        for uid, active in self._active.items():
+            reason = None if active.handle.cancelled else active.handle._stalled(self.client_timeout)
+            if reason is not None:
+                active.handle.dropped = reason
+                active.handle.cancel()
         gone = [uid for uid, a in self._active.items() if a.handle.cancelled]
         if not gone:
             return
         built = self._remove_from_batch(gone)
         for uid in gone:
             active = self._active.pop(uid)
+            handle = active.handle
+            if handle.dropped:
+                handle._push([Failure(f"dropped: {handle.dropped}", active.usage)])
             phase = "decode" if active.first_token_at is not None else "prefill"
-            self._release(active.handle, None, outcome="cancelled", reason=phase, active=active)
+            self._release(handle, None, outcome="cancelled", reason="stalled" if handle.dropped else phase,
+                          active=active)
             log.info(
-                "request cancelled by the client after %d tokens (%d of %d prompt tokens read)",
+                "[%s] request %s after %d tokens (%d of %d prompt tokens read)",
+                handle.request.request_id,
+                f"dropped: {handle.dropped}," if handle.dropped else "cancelled by the client",
                 active.usage.completion_tokens,
                 active.prompt_read,
                 active.usage.prompt_tokens,
@@ -576,7 +670,7 @@ class Engine:
             self._release(active.handle, None, outcome="finished", reason=last.reason, active=active)
         else:
             self._release(active.handle, None, outcome="failed", reason="generation_failed", active=active)
-        _log_request(active, last)
+        log_request(active, last)
 
     def _logprob_event(self, r, active: _Active) -> TokenLogprob:
         import mlx.core as mx
@@ -615,61 +709,3 @@ def _effective_sampling(sampling: SamplingParams, model_defaults: dict) -> dict:
         if value is not None:
             merged[key] = value
     return merged
-
-
-def _log_request(active: _Active, last: Any) -> None:
-    usage = active.usage
-    now = time.perf_counter()
-    ttft = (active.first_token_at or now) - active.started_at
-    decode_s = now - (active.first_token_at or now)
-    tps = (usage.completion_tokens - 1) / decode_s if decode_s > 0 and usage.completion_tokens > 1 else 0.0
-    outcome = last.reason if isinstance(last, Finish) else f"failed: {last.message}"
-    log.info(
-        "request done (%s): prompt %d tokens (%d cached), completion %d tokens (%d reasoning), "
-        "first token %.2f s, %.1f tokens/s",
-        outcome,
-        usage.prompt_tokens,
-        usage.cached_tokens,
-        usage.completion_tokens,
-        usage.reasoning_tokens,
-        ttft,
-        tps,
-    )
-
-
-def _ledger_record(
-    handle: RequestHandle, active: Optional[_Active], outcome: str, reason: str, error: Optional[Exception]
-) -> RequestRecord:
-    """The usage ledger's row for a request that ends now: the engine's own counters
-    (for a request that never started: none, or the prompt length it was rejected for)."""
-    req = handle.request
-    now = time.perf_counter()
-    record = RequestRecord(
-        ts=handle.submitted_wall,
-        request_id=req.request_id,
-        door=req.door,
-        model=req.model.name,
-        client=req.client,
-        outcome=outcome,
-        finish_reason=reason,
-        prompt_tokens=getattr(error, "prompt_tokens", 0),
-        duration_s=now - handle.submitted_at,
-        queue_s=now - handle.submitted_at,
-    )
-    if active is None:
-        return record
-    usage = active.usage
-    record.prompt_tokens = usage.prompt_tokens
-    record.cached_tokens = usage.cached_tokens
-    record.completion_tokens = usage.completion_tokens
-    record.reasoning_tokens = usage.reasoning_tokens
-    # Once a token is sampled the whole prompt was read; before that, as far as prefill got.
-    read = usage.prompt_tokens if active.first_token_at is not None else active.prompt_read
-    record.computed_prompt_tokens = read - usage.cached_tokens
-    record.queue_s = active.started_at - handle.submitted_at
-    if active.first_token_at is not None:
-        record.ttft_s = active.first_token_at - handle.submitted_at
-        decode_s = now - active.first_token_at
-        if usage.completion_tokens > 1 and decode_s > 0:
-            record.decode_tps = (usage.completion_tokens - 1) / decode_s
-    return record

@@ -68,10 +68,20 @@ class QueueFull(EngineError):
 
 
 class EngineUnavailable(EngineError):
-    """TEMP"""
+    """The engine hit an error it could not attribute to one request and is restarting."""
 
     code = "engine_unavailable"
 
     def __init__(self, reason: str, retry_after: int = 2):
-        super().__init__(reason)
+        super().__init__(f"The generation engine is restarting after an internal error ({reason}). Retry shortly.")
+        self.retry_after = retry_after
+
+
+class QueueTimeout(EngineError):
+    """A request waited in the queue longer than --queue-timeout."""
+
+    code = "queue_timeout"
+
+    def __init__(self, seconds: float, retry_after: int = 2):
+        super().__init__(f"The request waited {seconds:.0f} s in the queue without starting. Retry later.")
         self.retry_after = retry_after

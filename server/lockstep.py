@@ -93,21 +93,20 @@ class Steps:
         self.prefix_cache.spill()
 
     def admit(self, tokens: list[int], checkpoints: dict[int, str], max_tokens: int, sampling: dict,
-              stop: list[tuple[int, ...]], expect: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+              grammar: dict, stop: list[tuple[int, ...]],
+              expect: Optional[tuple[int, int]] = None) -> tuple[int, int]:
         """Insert a prompt into the batch, resuming from its longest cached prefix.
 
         `sampling` holds temperature, top_p, min_p, top_k and optionally seed,
         logit_bias, repetition_penalty, presence_penalty and frequency_penalty;
+        `grammar` the arguments of `constrained.processor_for` but the tokenizer;
         `stop` the end-token sequences. Returns (uid, cached prompt tokens)."""
         import mlx.core as mx
         from mlx_lm.generate import StopSequences
         from mlx_lm.sample_utils import make_logits_processors
 
-        cache, rest = self.prefix_cache.fetch(self.lm, tokens)
-        n_cached = len(tokens) - len(rest)
-        cuts = {n: kind for n, kind in checkpoints.items() if n > n_cached}
-        if sampling.get("seed") is not None:
-            mx.random.seed(sampling["seed"] & 0xFFFF_FFFF_FFFF_FFFF)  # int64 in, MLX takes uint64
+        from . import constrained
+
         sampler = _sampler(sampling["temperature"], sampling["top_p"], sampling["min_p"], sampling["top_k"])
         processors = make_logits_processors(
             sampling.get("logit_bias"),
@@ -115,6 +114,15 @@ class Steps:
             presence_penalty=sampling.get("presence_penalty"),
             frequency_penalty=sampling.get("frequency_penalty"),
         )
+        # first: it may refuse the request, which must leave no trace in the prefix cache
+        masker = constrained.processor_for(self.lm.tokenizer, **grammar)
+        if masker is not None:  # last, so that no bias can bring back a token it masked
+            processors = [*processors, masker]
+        cache, rest = self.prefix_cache.fetch(self.lm, tokens)
+        n_cached = len(tokens) - len(rest)
+        cuts = {n: kind for n, kind in checkpoints.items() if n > n_cached}
+        if sampling.get("seed") is not None:
+            mx.random.seed(sampling["seed"] & 0xFFFF_FFFF_FFFF_FFFF)  # int64 in, MLX takes uint64
         (uid,) = self.batch.insert_segments(
             segments=[_segments(tokens, n_cached, cuts)],
             max_tokens=[max_tokens],
@@ -126,7 +134,7 @@ class Steps:
         )
         if expect is not None and expect != (uid, n_cached):
             raise Diverged(f"admitted as (uid, cached tokens) {(uid, n_cached)}, rank 0 got {expect}")
-        self._record("admit", tokens, checkpoints, max_tokens, sampling, stop, (uid, n_cached))
+        self._record("admit", tokens, checkpoints, max_tokens, sampling, grammar, stop, (uid, n_cached))
         return uid, n_cached
 
     def next(self):

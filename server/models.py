@@ -53,6 +53,19 @@ def sampling_defaults_of(path: Path) -> dict:
     return {k: config[k] for k in _SAMPLING_DEFAULT_KEYS if isinstance(config.get(k), (int, float))}
 
 
+def _keep_first_space(tokenizer) -> None:
+    """mlx-lm's byte-level BPE detokenizer drops the first space of an answer (an
+    SPM habit); in byte-level BPE that space is the model's text, so keep it."""
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+    class ExactBPEStreamingDetokenizer(BPEStreamingDetokenizer):
+        def _maybe_trim_space(self, current_text):
+            return current_text
+
+    if type(tokenizer._detokenizer) is BPEStreamingDetokenizer:
+        tokenizer._detokenizer.__class__ = ExactBPEStreamingDetokenizer
+
+
 def load_model(name: str, path: Path, trust_remote_code: bool = False) -> LoadedModel:
     """Load weights and tokenizer with mlx-lm, logging what loaded and how long it took."""
     from mlx.utils import tree_flatten
@@ -62,6 +75,7 @@ def load_model(name: str, path: Path, trust_remote_code: bool = False) -> Loaded
     log.info("loading model %s from %s", name, path)
     start = time.perf_counter()
     model, tokenizer = load(str(path), trust_remote_code=trust_remote_code)
+    _keep_first_space(tokenizer)
     seconds = time.perf_counter() - start
     loaded = LoadedModel(
         name=name,
@@ -81,3 +95,4 @@ def load_model(name: str, path: Path, trust_remote_code: bool = False) -> Loaded
         loaded.context_length,
     )
     return loaded
+

@@ -9,10 +9,12 @@ Content and reasoning
     only the shortest such suffix is held back, so no partial marker ever
     reaches a client. Text between `think_start` and `think_end` (or from the
     start, when the prompt already opened the block: `starts_in_reasoning`)
-    is reasoning. A stray `think_end` in content is dropped. Whitespace is
-    trimmed where markup was: at the start of the response, right after a
-    think marker or a tool call, and right before one (trailing whitespace is
-    held until more text follows; at the end it is kept).
+    is reasoning. A stray `think_end` in content is dropped. Text is passed on
+    byte for byte; only whitespace that belongs to the markup mlxd removes is
+    trimmed: right after a think marker, a harmony header or a tool call (and at
+    the start of reasoning the prompt opened), and right before a think marker or
+    a tool call (trailing whitespace is held until more text follows; at the end
+    of the response and before a stop string it is kept).
 
 Stop strings
     Checked in content and reasoning, not inside tool calls (a stop string
@@ -167,7 +169,8 @@ class OutputParser:
         self._ws = ""  # trailing whitespace of the current text run, held until more text follows
         self._dropped_ws = ""
         self._resume = CONTENT  # the text state a call region returns to
-        self._lstrip = True  # drop leading whitespace of the next text run
+        self._lstrip = starts_in_reasoning  # trim leading whitespace of the next text run (after markup)
+        self._lead = ""  # that whitespace, held until the run's text begins
         self._said_content = False
         self._implicit_tried = False
         self._header = ""
@@ -288,12 +291,13 @@ class OutputParser:
         if self._said_content:
             self._implicit_tried = True
             return False
-        self._buf = self._buf.lstrip()
-        if not self._buf:
+        stripped = self._buf.lstrip()
+        if not stripped:
             return False
         self._implicit_tried = True
-        if not self._buf.startswith("{"):
+        if not stripped.startswith("{"):
             return False
+        self._buf = stripped  # whitespace before the call is the call's
         self._end_run()
         self._open_region("")
         return True
@@ -327,10 +331,18 @@ class OutputParser:
         self._region = region(self, self._tf, opener)
 
     def _text(self, text: str) -> None:
-        """Emit text of the current state, trimming whitespace next to markup."""
+        """Emit text of the current state, trimming whitespace next to markup.
+
+        After markup, the whitespace up to the last line break is the markup's
+        (`</think>\n\n`); the indentation of the first line after it is text."""
         if self._lstrip:
-            text = text.lstrip()
-            self._lstrip = not text
+            body = text.lstrip()
+            self._lead += text[: len(text) - len(body)]
+            if not body:
+                return
+            newline = self._lead.rfind("\n")
+            text = (self._lead[newline + 1 :] if newline >= 0 else "") + body
+            self._lstrip, self._lead = False, ""
         if not text:
             return
         text = self._ws + text
@@ -355,7 +367,7 @@ class OutputParser:
         """Markup ends the current run of text: its trailing whitespace is dropped
         (kept aside in case the markup turns out to be content)."""
         self._dropped_ws = self._ws
-        self._ws, self._lstrip = "", True
+        self._ws, self._lstrip, self._lead = "", True, ""
 
     def _take(self) -> list[ParsedEvent]:
         events, self._out = _coalesce(self._out), []
@@ -366,7 +378,7 @@ class OutputParser:
     def _raw(self, text: str) -> None:
         """Text of a broken call region, returned as written to the text it interrupted."""
         self._state = self._resume
-        self._ws, self._lstrip = self._dropped_ws, False
+        self._ws, self._lstrip, self._lead = self._dropped_ws, False, ""
         self._text(text)
 
     def _start_call(self, name: str) -> Optional[int]:
@@ -575,7 +587,7 @@ class _JsonCalls:
         def done() -> bool:
             try:
                 call = call_from_json(json.loads(self.text[self.head : self.i]))
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can read
                 self._broken(f"its arguments are not valid: {e}")
             else:
                 self.out._whole_call(self.index, call["arguments"])
@@ -594,7 +606,7 @@ class _JsonCalls:
         def done() -> bool:
             try:
                 call = call_from_json(json.loads(self.text[self.head : self.i]))
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 return self._fail(f"a JSON object that is not a tool call ({e})")
             self._commit(call["name"], wrapped=True)
             self.out._whole_call(self.index, call["arguments"])
@@ -752,7 +764,7 @@ def _scan(text: str, patterns: dict[str, str]) -> tuple[int, Optional[str]]:
 def _is_json_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except ValueError:
+    except (ValueError, RecursionError):  # a model can nest deeper than json.loads reads
         return False
 
 

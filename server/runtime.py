@@ -146,7 +146,7 @@ class Runtime:
         if self.starter_listed and all(Path(m.path).resolve() == self.starter for m in downloads):
             context = registry.config_context_length(self.starter) or DEFAULT_CONTEXT_LENGTH
             size = registry.directory_size(self.starter)
-            infos.insert(0, ModelInfo(registry.STARTER, str(self.starter), context, size, starter=True))
+            infos.insert(0, ModelInfo(registry.STARTER, context, size, starter=True))
             local_paths.add(self.starter)
         for m in downloads:
             if Path(m.path).resolve() not in local_paths:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +23,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def downloaded(hf_home: Path, model_dir: Path, repo: str) -> dict:
+    """`model_dir` as a complete download of `repo` in a Hugging Face cache at `hf_home`; the
+    env that points a server there. A server serves it on request without loading it at start."""
+    folder = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(model_dir, folder / "snapshots" / ("0" * 40))
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0" * 40)
+    return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
 
 
 class ServerProcess:

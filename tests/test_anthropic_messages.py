@@ -19,7 +19,7 @@ from pydantic import TypeAdapter
 
 from scripts.testmodels import build_scripted_model
 from tests.ground_truth import tokenizer_of
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, downloaded
 
 TEXT = "Hello from mlxd, through the Messages API."
 WEATHER_ARGS = {"city": "Paris", "units": "celsius"}
@@ -367,13 +367,15 @@ def test_bad_requests_answer_in_anthropic_s_envelope(server, client, models):
 
 
 def test_a_failure_mid_stream_sends_an_error_event(tmp_path, models):
-    # Only the first model is loaded at start; count_tokens on the second lends just its tokenizer.
-    server = ServerProcess(tmp_path, ["--model", str(models["texter"].path), "--model", str(models["weather"].path)],
-                           env={"MLXD_TEST_FAIL_AFTER": "3", "MLXD_TEST_FAILURES": "1"},
+    # Only texter is loaded at start; count_tokens on a downloaded model lends just its tokenizer.
+    env = downloaded(tmp_path / "hf", models["weather"].path, "test/weather")
+    server = ServerProcess(tmp_path, ["--model", str(models["texter"].path)],
+                           env={**env, "MLXD_TEST_FAIL_AFTER": "3", "MLXD_TEST_FAILURES": "1"},
                            module="tests.faulty_server").start()
     try:
-        response = server.post("/v1/messages/count_tokens", json={"model": "weather", "messages": ASK, "tools": TOOLS})
-        assert "loading model weather" not in server.log()
+        response = server.post("/v1/messages/count_tokens",
+                               json={"model": "test/weather", "messages": ASK, "tools": TOOLS})
+        assert "loading model test/weather" not in server.log()
         tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
                                                    "parameters": t["input_schema"]}} for t in TOOLS]
         assert response.json() == {"input_tokens": prompt_length(models["weather"], ASK, tools)}

@@ -6,7 +6,7 @@ import threading
 import time
 
 from tests.ground_truth import GREETING
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, downloaded
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 
@@ -16,9 +16,11 @@ def loaded(server) -> set[str]:
 
 
 def test_loads_once_on_first_use_and_evicts_the_least_recently_used(tmp_path, greeting_model, random_model):
-    server = ServerProcess(tmp_path, ["--model", str(greeting_model.path), "--model", str(random_model)]).start()
+    # --max-loaded-models 1 (default): the greeter is loaded at start; a downloaded
+    # model that requests name loads on first use, in its place.
+    env = downloaded(tmp_path / "hf", random_model, "test/random-qwen2")
+    server = ServerProcess(tmp_path, ["--model", str(greeting_model.path)], env=env).start()
     try:
-        # --max-loaded-models 1 (default): only the first --model is loaded at start.
         deadline = time.monotonic() + 60
         while loaded(server) != {"greeter"} and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -28,7 +30,7 @@ def test_loads_once_on_first_use_and_evicts_the_least_recently_used(tmp_path, gr
         results = []
         threads = [
             threading.Thread(target=lambda: results.append(
-                server.client().chat.completions.create(model="random-qwen2", messages=HELLO, max_tokens=3)))
+                server.client().chat.completions.create(model="test/random-qwen2", messages=HELLO, max_tokens=3)))
             for _ in range(2)
         ]
         for t in threads:
@@ -36,9 +38,11 @@ def test_loads_once_on_first_use_and_evicts_the_least_recently_used(tmp_path, gr
         for t in threads:
             t.join()
         assert [r.usage.completion_tokens for r in results] == [3, 3]
-        assert server.log().count("loading model random-qwen2") == 1
-        assert "unloaded model greeter (to make room)" in server.log()
-        assert loaded(server) == {"random-qwen2"}
+        assert server.log().count("loading model test/random-qwen2") == 1
+        # The old model goes once the new one has loaded.
+        log = server.log()
+        assert log.index("loaded model test/random-qwen2") < log.index("unloaded model greeter (to make room")
+        assert loaded(server) == {"test/random-qwen2"}
 
         answer = server.client().chat.completions.create(model="greeter", messages=HELLO, temperature=0)
         assert answer.choices[0].message.content == GREETING

@@ -631,9 +631,14 @@ def test_output_format_for_reads_the_tokenizer_wrapper(tmp_path):
     assert output_format_for(wrapper, tool_format="json_tools").name == "json_tools"
 
 
-def test_trailing_whitespace_is_kept_at_the_end_and_dropped_before_markup():
-    assert parse(THINK, "  Hi there\n") == ([C("Hi there\n")], "stop")
+def test_content_is_byte_exact_but_for_whitespace_that_belongs_to_markup():
+    code = "    return x\n"
+    assert parse(THINK, code) == ([C(code)], "stop")
+    assert parse(THINK, "\n\n  Hi there\n\n") == ([C("\n\n  Hi there\n\n")], "stop")
     assert parse(THINK, "Hi there\n<think>x</think>")[0] == [C("Hi there"), R("x")]
+    # The newlines around think markers and tool-call tags are the markup's own.
+    assert parse(THINK, "<think>\nx\n</think>\n\n    return x\n")[0] == [R("x"), C("    return x\n")]
+    assert parse(THINK, "Hi\n", stop=["</end>"]) == ([C("Hi\n")], "stop")
 
 
 def test_harmony_text_that_is_no_header_is_content():

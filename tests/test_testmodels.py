@@ -220,7 +220,6 @@ def test_transformers_decodes_the_script_ids(scripted):
 @pytest.mark.parametrize(
     "script, error",
     [
-        (" leading space", "whitespace"),
         ("caf\u00e9", "ASCII"),
         ("stop<|im_end|>", "eos"),
         ("stop<|endoftext|> and go on", "only at its end"),

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
+from mlxd.server import constrained
 from mlxd.server.engine import Accepted, GenerationRequest, RequestHandle, SamplingParams
 from mlxd.server.events import (
     ContentDelta,
@@ -26,7 +27,8 @@ from mlxd.server.events import (
 from ..clients import client_of
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit
 from ..errors import error_body
-from .protocol import ChatCompletionRequest
+from ..validated import validated_answer
+from .protocol import ChatCompletionRequest, ResponseFormat
 
 router = APIRouter()
 
@@ -37,18 +39,39 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     generation = to_generation_request(body, ref)
     generation.client = client_of(request)
     generation.request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"  # the response's id, and the ledger row's
+    if generation.response_format is not None and generation.response_format.validate:
+        return await _validated(body, request, generation)
     handle, accepted = await submit(request, generation)
     if accepted is None:  # client left while queued
         return JSONResponse(error_body("client disconnected", 499), status_code=499)
     response = ChatResponse(body, accepted, generation.request_id)
     if body.stream:
-        return EventSourceResponse(
-            _stream(response, handle),
-            ping=KEEPALIVE_SECONDS,
-            sep="\n",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return _event_stream(_stream(response, batched(handle), handle.cancel))
     return await _complete(response, handle, request)
+
+
+async def _validated(body: ChatCompletionRequest, request: Request, generation: GenerationRequest):
+    """A schema the grammar enforces only in part: the answer is whole and valid before it is sent."""
+    handle, accepted = await submit(request, generation)  # a request the engine refuses is refused here
+    if accepted is None:
+        return JSONResponse(error_body("client disconnected", 499), status_code=499)
+    response = ChatResponse(body, accepted, generation.request_id)
+    answer = validated_answer(request, generation, handle)
+    if body.stream:
+        return _event_stream(_stream(response, _replay(answer), handle.cancel))
+    answer = await answer
+    if answer is None:
+        return JSONResponse(error_body("client disconnected", 499), status_code=499)
+    return _answer_response(response, answer)
+
+
+def _event_stream(chunks: AsyncIterator[dict]) -> EventSourceResponse:
+    return EventSourceResponse(
+        chunks,
+        ping=KEEPALIVE_SECONDS,
+        sep="\n",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def to_generation_request(body: ChatCompletionRequest, ref) -> GenerationRequest:
@@ -83,7 +106,19 @@ def to_generation_request(body: ChatCompletionRequest, ref) -> GenerationRequest
         ),
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs or 0,
+        response_format=response_format_of(body.response_format),
     )
+
+
+def response_format_of(fmt: Optional[ResponseFormat]) -> Optional[constrained.ResponseFormat]:
+    """The engine's constraint; a schema that cannot be enforced raises InvalidSchema (400) here."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return constrained.ResponseFormat("json_object")
+    spec = fmt.json_schema
+    schema, relaxed = constrained.check_schema(spec.schema_, param="response_format.json_schema.schema")
+    return constrained.ResponseFormat("json_schema", schema, spec.name, validate=relaxed)
 
 
 def usage_dict(usage: Usage) -> dict:
@@ -167,10 +202,10 @@ def _delta_of(event) -> Optional[dict]:
     return None
 
 
-async def _stream(response: ChatResponse, handle: RequestHandle) -> AsyncIterator[dict]:
+async def _stream(response: ChatResponse, batches: AsyncIterator, cancel: Callable[[], None] = lambda: None) -> AsyncIterator[dict]:
     try:
         yield _data(response.chunk({"role": "assistant", "content": ""}))
-        async for event in batched(handle):
+        async for event in batches:
             if isinstance(event, list):
                 for chunk in response.deltas(event):
                     yield _data(chunk)
@@ -185,7 +220,19 @@ async def _stream(response: ChatResponse, handle: RequestHandle) -> AsyncIterato
                 yield _data(response.usage_chunk(event.usage))
         yield {"data": "[DONE]"}
     finally:
-        handle.cancel()  # no-op once finished; stops generation if the client left
+        cancel()  # no-op once finished; stops generation if the client left
+
+
+async def _replay(answer: Awaitable[Optional[Answer]]) -> AsyncIterator[Union[list, Finish, Failure]]:
+    """A whole answer, once it is known, as `batched` would deliver it."""
+    answer = await answer
+    if answer is None:  # the client went away
+        return
+    events = [ReasoningDelta(text) for text in answer.reasoning] + list(answer.logprobs)
+    events += [ContentDelta(text) for text in answer.content]
+    if events:
+        yield events
+    yield answer.last
 
 
 def _data(obj: dict) -> dict:
@@ -197,6 +244,10 @@ async def _complete(response: ChatResponse, handle: RequestHandle, request: Requ
     answer = await collect(handle, request)
     if answer is None:
         return JSONResponse(error_body("client disconnected", 499), status_code=499)
+    return _answer_response(response, answer)
+
+
+def _answer_response(response: ChatResponse, answer: Answer) -> JSONResponse:
     last = answer.last
     if isinstance(last, Failure):
         body = error_body(last.message, 500, code="generation_failed")
