@@ -252,7 +252,7 @@ class Link:
 
     def send(self, ops: list, stream) -> None:
         try:
-            self._broadcast(pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL), stream)
+            self.broadcast(ops, stream)
         except Exception as e:
             self.lost(e)
             raise GroupLost(str(e)) from e
@@ -265,10 +265,11 @@ class Link:
         if ops or time.monotonic() - self.last_done >= HEARTBEAT_S:
             self.send(ops, stream)
 
-    def _broadcast(self, payload: bytes, stream) -> None:
+    def broadcast(self, ops: list, stream) -> None:
         import mlx.core as mx
         import numpy as np
 
+        payload = pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL)
         mx.synchronize(stream)
         data = mx.array(np.frombuffer(payload, dtype=np.uint8))
         mx.eval(mx.distributed.all_sum(mx.array(len(payload)), group=self.group, stream=mx.cpu))
@@ -328,6 +329,8 @@ def follow(member: "Member") -> int:
     import mlx.core as mx
 
     info, lm, link, on_lost = member.info, member.lm, member.link, member.exit
+    # Ctrl-C reaches every rank; a follower stops when rank 0 says so (or is gone).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stream = mx.new_stream(mx.default_device())
     steps = None
     link.start_watchdog("no word from rank 0")
@@ -407,26 +410,29 @@ class Member:
         self.link.start_watchdog("no broadcast completed")
 
     def on_terminate(self) -> None:
-        """SIGTERM, as mlx.launch stops the group when a rank fails: uvicorn shuts down and
-        raises it again; then an exit already under way (the group broke) sets the status (1),
-        else the status is 143, terminated. Main thread, before the server starts."""
+        """Rank 0, main thread, before the server starts. uvicorn shuts down on SIGINT and
+        SIGTERM and raises the signal again; then an exit under way (the group broke, as
+        when mlx.launch sends SIGTERM after a rank failed) sets the status, 1; else the
+        status is 0 for SIGINT (Ctrl-C, `mlxd launch` stopping) and 143 for SIGTERM."""
 
-        def terminated(signum, frame):
+        def stopped(signum, frame):
             if self.exit.started:
                 time.sleep(10 * EXIT_GRACE_S)  # the exit under way ends the process first
-            raise SystemExit(128 + signum)
+            raise SystemExit(0 if signum == signal.SIGINT else 128 + signum)
 
-        signal.signal(signal.SIGTERM, terminated)
+        signal.signal(signal.SIGTERM, stopped)
+        signal.signal(signal.SIGINT, stopped)
 
-    def stop(self, stream=None) -> None:
-        """Rank 0 is stopping: the followers stop too (the engine thread has ended)."""
+    def stop(self) -> None:
+        """Rank 0 is stopping (the engine thread has ended): the followers stop too,
+        unless the whole group is being stopped and they are gone already."""
         import mlx.core as mx
 
-        try:
-            self.link.send([STOP], stream or mx.default_stream(mx.default_device()))
-        except GroupLost:
-            pass
         self.link.closed = True
+        try:
+            self.link.broadcast([STOP], mx.default_stream(mx.default_device()))
+        except Exception as e:
+            log.info("rank 0: the other ranks stopped already (%s)", e)
 
 
 def join(model_name: str, model_path: Path, *, shard: Optional[str], timeout: float, version: str,

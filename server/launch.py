@@ -5,12 +5,17 @@ runs the same mlxd (install it at the same path on every machine, or pass
 --python), and adds `--distributed` to `serve`. `mlx.launch` stops the other
 ranks when one fails but exits 0 itself; this wrapper reads its report and exits
 1 then, so a supervisor (launchd, systemd) sees the failure and restarts the group.
+Stopping the wrapper (SIGTERM, Ctrl-C) stops the whole group cleanly: every local
+process gets SIGINT, rank 0 shuts down and tells the other ranks to stop.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,23 +57,33 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cmd = launcher_command(args, rest)
     # stdin: a pipe that stays open; mlx.launch forwards stdin and would spin on a closed one.
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    # A session of its own: stopping mlxd launch stops mlx.launch and the local ranks with it
+    # (mlx.launch alone would leave them running); remote ranks end with their ssh.
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                            start_new_session=True)
+
+    stopping = []
+
+    def stop(signum, frame):  # as Ctrl-C in a terminal: rank 0 stops the others and all exit 0
+        stopping.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     failed = []
     assert proc.stderr is not None
-    try:
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-            m = _RANK_FAILED.search(line)
-            if m:
-                failed.append(m.group(0))
-    except KeyboardInterrupt:
-        proc.terminate()
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        m = _RANK_FAILED.search(line)
+        if m:
+            failed.append(m.group(0))
     code = proc.wait()
     if failed:
         print(f"mlxd launch: the group failed ({'; '.join(failed)})", file=sys.stderr)
         return 1
-    return code
+    return 0 if stopping else code  # mlx.launch itself ends on the interrupt with a traceback
 
 
 def add_parser(subparsers: Any) -> None:
