@@ -73,12 +73,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = args.model or build_random_model(work / "bench-random", hidden_size=512, num_layers=8, num_heads=8)
-        setups = [("1 process", ServerProcess, []),
-                  ("2 ranks, tensor", GroupProcess, ["--shard", "tensor"]),
-                  ("2 ranks, pipeline", GroupProcess, ["--shard", "pipeline"])]
+        # Two ranks on one machine share its cores: one BLAS thread each, or their thread
+        # pools spin against each other.
+        one_thread = {"OPENBLAS_NUM_THREADS": "1"}
+        setups = [("1 process", ServerProcess, [], None),
+                  ("2 ranks, tensor", GroupProcess, ["--shard", "tensor"], one_thread),
+                  ("2 ranks, pipeline", GroupProcess, ["--shard", "pipeline"], one_thread)]
         rows = []
-        for label, kind, extra in setups:
-            server = kind(work, ["--model", str(model), "--no-starter", *extra]).start()
+        for label, kind, extra, env in setups:
+            server = kind(work, ["--model", str(model), "--no-starter", *extra], env=env).start()
             try:
                 rows.append((label, *measure(server, args.tokens, args.rounds)))
             finally:

@@ -39,6 +39,9 @@ log = logging.getLogger("mlxd.distributed")
 HEARTBEAT_S = 1.0
 # After failing the requests, how long rank 0 lets the server write the errors out before exiting.
 EXIT_GRACE_S = 2.0
+# A step's operations travel in one all_sum of this many bytes (a second one carries the rest
+# of a bigger step, such as one that admits a long prompt).
+FRAME_BYTES = 2048
 # Exit status of a rank whose group broke (another rank lost, or its replay diverged).
 EXIT_GROUP_LOST = 1
 
@@ -222,7 +225,7 @@ def load_shard(name: str, path: Path, group, shard: Optional[str], trust_remote_
 # --- the link between rank 0 and the others ------------------------------------
 
 class Link:
-    """Rank 0's operations to the other ranks, one `all_sum` broadcast per batch step.
+    """Rank 0's operations to the other ranks, an `all_sum` of a byte frame per batch step.
 
     Rank 0 calls `send` (and `heartbeat` when idle); the others call `recv`.
     Every rank first waits for its generation stream: the model's own collectives
@@ -270,10 +273,14 @@ class Link:
         import numpy as np
 
         payload = pickle.dumps(ops, protocol=pickle.HIGHEST_PROTOCOL)
+        framed = len(payload).to_bytes(4, "little") + payload
+        head, rest = framed[:FRAME_BYTES].ljust(FRAME_BYTES, b"\0"), framed[FRAME_BYTES:]
         mx.synchronize(stream)
-        data = mx.array(np.frombuffer(payload, dtype=np.uint8))
-        mx.eval(mx.distributed.all_sum(mx.array(len(payload)), group=self.group, stream=mx.cpu))
-        mx.eval(mx.distributed.all_sum(data, group=self.group, stream=mx.cpu))
+        mx.eval(mx.distributed.all_sum(mx.array(np.frombuffer(head, dtype=np.uint8)), group=self.group,
+                                       stream=mx.cpu))
+        if rest:
+            mx.eval(mx.distributed.all_sum(mx.array(np.frombuffer(rest, dtype=np.uint8)), group=self.group,
+                                           stream=mx.cpu))
         self.last_done = time.monotonic()
 
     def recv(self, stream) -> list:
@@ -281,9 +288,14 @@ class Link:
         import numpy as np
 
         mx.synchronize(stream)
-        size = mx.distributed.all_sum(mx.array(0), group=self.group, stream=mx.cpu).item()
-        data = mx.distributed.all_sum(mx.zeros(size, dtype=mx.uint8), group=self.group, stream=mx.cpu)
-        ops = pickle.loads(bytes(np.array(data, dtype=np.uint8)))
+        head = mx.distributed.all_sum(mx.zeros(FRAME_BYTES, dtype=mx.uint8), group=self.group, stream=mx.cpu)
+        framed = bytes(np.array(head, dtype=np.uint8))
+        size = int.from_bytes(framed[:4], "little")
+        if size + 4 > FRAME_BYTES:
+            rest = mx.distributed.all_sum(mx.zeros(size + 4 - FRAME_BYTES, dtype=mx.uint8), group=self.group,
+                                          stream=mx.cpu)
+            framed += bytes(np.array(rest, dtype=np.uint8))
+        ops = pickle.loads(framed[4:4 + size])
         self.last_done = time.monotonic()
         return ops
 
