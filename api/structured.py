@@ -14,7 +14,9 @@ from typing import Any, Optional
 from mlxd.server import constrained
 
 
-def response_format(kind: str, schema: Any = None, name: str = "", param: str = "response_format") -> Optional[constrained.ResponseFormat]:
+def response_format(
+    kind: str, schema: Any = None, name: str = "", param: str = "response_format"
+) -> Optional[constrained.ResponseFormat]:
     """`text` (None: no constraint), `json_object` or `json_schema`; a schema that cannot
     be enforced raises InvalidSchema naming `param` (HTTP 400)."""
     if kind == "text":
