@@ -1,6 +1,6 @@
 """Answers checked against their schema before anyone sees them.
 
-A `response_format` schema with keywords no grammar can enforce token by token
+A `response_format` (or Responses `text.format`) schema with keywords no grammar enforces token by token
 (`not`, `if`/`then`/`else`, `uniqueItems`, overlapping `oneOf`, ...) decodes under a
 relaxed grammar (server/constrained.py), so its answer may still break the schema.
 Such a request is generated whole, validated with jsonschema, and regenerated up to
