@@ -3,7 +3,8 @@
 Order: a request addressed to a name this server does not answer to is refused (403;
 on a loopback bind this defeats DNS rebinding, where a web page's own name resolves to
 127.0.0.1), then a cross-origin browser request not allowed by `--cors-origin` (403),
-then a request without a valid key when keys are set (401; `GET /health` needs none).
+then a request without a valid key when keys are set (401; `GET /health` needs none, nor
+do the dashboard's page and static files, which hold no data and ask for the key).
 Refusals answer in the envelope of the door the path belongs to, before any routing,
 so they look the same for every endpoint, present or future.
 """
@@ -18,13 +19,14 @@ from urllib.parse import urlsplit
 
 from mlxd.server.access import ApiKey, is_loopback
 
+from .dashboard import STATIC_PATHS
 from .errors import door_of, error_response
 
 log = logging.getLogger("mlxd.security")
 
 _CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 _CORS_HEADERS = "authorization, content-type, x-api-key, anthropic-version, openai-beta"
-_UNAUTHENTICATED = {("GET", "/health")}
+_UNAUTHENTICATED = {("GET", "/health"), *(("GET", path) for path in STATIC_PATHS)}
 
 
 @dataclass(frozen=True)

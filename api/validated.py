@@ -1,6 +1,6 @@
 """Answers checked against their schema before anyone sees them.
 
-A `response_format` schema with keywords no grammar can enforce token by token
+A `response_format` (or Responses `text.format`) schema with keywords no grammar enforces token by token
 (`not`, `if`/`then`/`else`, `uniqueItems`, overlapping `oneOf`, ...) decodes under a
 relaxed grammar (server/constrained.py), so its answer may still break the schema.
 Such a request is generated whole, validated with jsonschema, and regenerated up to
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Optional
+from typing import AsyncIterator, Awaitable, Optional, Union
 
 from fastapi import Request
 
 from mlxd.server import constrained
 from mlxd.server.engine import GenerationRequest, RequestHandle
-from mlxd.server.events import Failure, Usage
+from mlxd.server.events import ContentDelta, Failure, Finish, ReasoningDelta, Usage
 
 from .engine_stream import Answer, collect, submit
 
@@ -51,6 +51,18 @@ async def validated_answer(request: Request, generation: GenerationRequest, hand
             return answer
         log.warning("answer %d of %d breaks the response_format schema: %s", attempt, ATTEMPTS, why)
     return Answer(last=Failure(f"no answer valid against the response_format schema in {ATTEMPTS} attempts: {why}", total))
+
+
+async def replay(answer: Awaitable[Optional[Answer]]) -> AsyncIterator[Union[list, Finish, Failure]]:
+    """A whole answer, once it is known, as `batched` would deliver it (a door streams it alike)."""
+    answer = await answer
+    if answer is None:  # the client went away
+        return
+    events = [ReasoningDelta(text) for text in answer.reasoning] + list(answer.logprobs)
+    events += [ContentDelta(text) for text in answer.content]
+    if events:
+        yield events
+    yield answer.last
 
 
 def _reseeded(generation: GenerationRequest, attempt: int) -> GenerationRequest:

@@ -22,8 +22,13 @@ tokens the client read; the ledger's totals equal the clients' usage plus what t
 hung-up requests computed. Exits 1 if any check fails. Everything is bounded: a fixed
 number of requests, a token cap on each, a timeout on each.
 
-A door is one function that sends a scenario's request and returns what its client saw;
-adding the Responses or Messages door is adding its function to DOORS.
+A door is one function that sends a scenario's request (written in chat completions'
+terms) in its own API and returns what its client saw, usage and finish mapped back to
+the ledger's names: `chat` (/v1/chat/completions, a minimal SSE client), `messages`
+(/v1/messages, a minimal SSE client; Anthropic's `input_tokens` leaves out the cached
+`cache_read_input_tokens`) and `responses` (/v1/responses through the openai SDK's
+stream; `input_tokens` includes the cached ones). The Responses API has no stop
+strings, so that door skips the `stop` scenario.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import httpx
+import openai
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -55,6 +61,7 @@ BASH = {"type": "function", "function": {"name": "bash", "description": "Run a s
 SHARED_SYSTEM = "You are a careful assistant working on a large code base. " * 60  # ~700 tokens
 HANG_UP_AFTER = 4  # content chunks read before the client closes
 COUNTS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
+MESSAGES_MAX_TOKENS = 1024  # Anthropic's max_tokens is required; the scripts end well before it
 
 
 @dataclass
@@ -133,7 +140,120 @@ def chat_door(base_url: str, scenario: Scenario) -> Seen:
     return seen
 
 
-DOORS: dict[str, Callable[[str, Scenario], Seen]] = {"chat": chat_door}
+def _split_system(messages: list[dict]) -> tuple[Optional[str], list[dict]]:
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    return system or None, [m for m in messages if m["role"] != "system"]
+
+
+def _anthropic_body(scenario: Scenario) -> dict:
+    chat = scenario.body
+    system, messages = _split_system(chat["messages"])
+    body = {"model": scenario.model, "messages": messages, "max_tokens": chat.get("max_tokens", MESSAGES_MAX_TOKENS),
+            "stream": True}
+    if system:
+        body["system"] = system
+    if "temperature" in chat:
+        body["temperature"] = chat["temperature"]
+    if chat.get("stop"):
+        body["stop_sequences"] = chat["stop"]
+    if chat.get("tools"):
+        body["tools"] = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                          "input_schema": t["function"]["parameters"]} for t in chat["tools"]]
+    return body
+
+
+ANTHROPIC_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length"}
+
+
+def messages_door(base_url: str, scenario: Scenario) -> Seen:
+    """POST /v1/messages, streamed, read by a minimal SSE client."""
+    seen = Seen("messages", scenario.name)
+    start = time.perf_counter()
+    with httpx.stream("POST", base_url + "/v1/messages", json=_anthropic_body(scenario), timeout=TIMEOUT_S,
+                      headers={"anthropic-version": "2023-06-01"}) as response:
+        if response.status_code != 200:
+            seen.error = f"HTTP {response.status_code}: {response.read()[:200]!r}"
+            return seen
+        for event in _sse(response):
+            kind = event["type"]
+            if kind == "message_start":
+                seen.request_id = event["message"]["id"]
+            elif kind == "error":
+                seen.error = event["error"]["message"]
+            elif kind == "content_block_delta" and event["delta"]["type"] in ("text_delta", "input_json_delta"):
+                if seen.ttft_s is None:
+                    seen.ttft_s = time.perf_counter() - start
+                seen.chunks_read += 1
+                if scenario.hang_up and seen.chunks_read >= HANG_UP_AFTER:
+                    return seen
+            elif kind == "message_delta":
+                seen.finish = ANTHROPIC_FINISH[event["delta"]["stop_reason"]]
+                u = event["usage"]
+                seen.usage = {
+                    "prompt_tokens": u["input_tokens"] + u["cache_read_input_tokens"],
+                    "cached_tokens": u["cache_read_input_tokens"],
+                    "completion_tokens": u["output_tokens"],
+                    "reasoning_tokens": u["output_tokens_details"]["thinking_tokens"],
+                }
+    return seen
+
+
+def _responses_kwargs(scenario: Scenario) -> dict:
+    chat = scenario.body
+    system, messages = _split_system(chat["messages"])
+    kwargs = {"model": scenario.model, "input": messages, "max_output_tokens": chat.get("max_tokens")}
+    if system:
+        kwargs["instructions"] = system
+    if "temperature" in chat:
+        kwargs["temperature"] = chat["temperature"]
+    if chat.get("tools"):
+        kwargs["tools"] = [{"type": "function", "name": t["function"]["name"], "strict": False,
+                            "description": t["function"]["description"], "parameters": t["function"]["parameters"]}
+                           for t in chat["tools"]]
+    return kwargs
+
+
+def responses_door(base_url: str, scenario: Scenario) -> Seen:
+    """POST /v1/responses through the openai SDK's event stream."""
+    seen = Seen("responses", scenario.name)
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="stress", max_retries=0, timeout=TIMEOUT_S)
+    start = time.perf_counter()
+    try:
+        with client.responses.create(stream=True, **_responses_kwargs(scenario)) as stream:
+            for event in stream:
+                if event.type == "response.created":
+                    seen.request_id = event.response.id
+                elif event.type in ("response.output_text.delta", "response.function_call_arguments.delta"):
+                    if seen.ttft_s is None:
+                        seen.ttft_s = time.perf_counter() - start
+                    seen.chunks_read += 1
+                    if scenario.hang_up and seen.chunks_read >= HANG_UP_AFTER:
+                        return seen
+                elif event.type == "response.failed":
+                    seen.error = event.response.error.message
+                elif event.type in ("response.completed", "response.incomplete"):
+                    response = event.response
+                    calls = any(item.type == "function_call" for item in response.output)
+                    seen.finish = "length" if response.status == "incomplete" else "tool_calls" if calls else "stop"
+                    u = response.usage
+                    seen.usage = {
+                        "prompt_tokens": u.input_tokens,
+                        "cached_tokens": u.input_tokens_details.cached_tokens,
+                        "completion_tokens": u.output_tokens,
+                        "reasoning_tokens": u.output_tokens_details.reasoning_tokens,
+                    }
+    except openai.APIError as e:
+        seen.error = f"{type(e).__name__}: {e}"
+    finally:
+        client.close()
+    return seen
+
+
+DOORS: dict[str, Callable[[str, Scenario], Seen]] = {
+    "chat": chat_door, "messages": messages_door, "responses": responses_door,
+}
+# Scenarios a door's API cannot express.
+SKIPPED = {"responses": {"stop"}}
 
 
 def run_cell(base_url: str, door: str, scenario: Scenario, concurrency: int, rounds: int) -> list[Seen]:
@@ -251,6 +371,8 @@ def main() -> int:
                 for scenario_index in range(len(scenarios(""))):
                     for c in levels:
                         scenario = scenarios(f"{door}-{c}")[scenario_index]
+                        if scenario.name in SKIPPED.get(door, ()):
+                            continue
                         cells[door].append((scenario.name, c, run_cell(server.base_url, door, scenario, c, args.rounds)))
             seen = [s for door in doors for _, _, cell in cells[door] for s in cell]
             rows = wait_for_ledger(server.base_url, len(seen))

@@ -225,7 +225,7 @@ def test_indentation_and_the_final_newline_arrive_byte_exact(script_server, exac
         ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
         ({"logit_bias": {"1": 101}}, "logit_bias"),
         ({"tools": [BASH_TOOL] * 129}, "tools"),
-        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"n": 2}, "n"),
     ],

@@ -339,7 +339,7 @@ def test_store_previous_response_id_and_get(server, scripted):
 @pytest.mark.parametrize(
     "body, param",
     [
-        ({"input": "x", "text": {"format": {"type": "json_schema", "name": "o", "schema": {}}}}, "text.format"),
+        ({"input": "x", "text": {"format": {"type": "json_schema", "name": "o"}}}, "text.format.schema"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
          "input[0].content[0]"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),

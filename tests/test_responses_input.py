@@ -118,7 +118,7 @@ def test_translate_sets_the_door_limits_and_tool_choice():
 @pytest.mark.parametrize(
     "fields, param",
     [
-        ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format"),
+        ({"text": {"format": {"type": "json_schema", "name": "o"}}}, "text.format.schema"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
         ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0]"),
         ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "web_search"}}, "tool_choice"),

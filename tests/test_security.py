@@ -347,3 +347,61 @@ def test_remote_code_runs_only_for_the_model_named_with_trust_remote_code_for(tm
         assert "Pass trust_remote_code=True" in server.log()  # the reason stays in the server log
     finally:
         server.stop()
+
+
+# ----------------------------------------------------------------------
+# The dashboard with keys: the page loads without one and asks for it
+
+
+@pytest.mark.parametrize("path, file, kind", [("/", "index.html", "text/html"),
+                                              ("/dashboard/dashboard.js", "dashboard.js", "text/javascript"),
+                                              ("/dashboard/dashboard.css", "dashboard.css", "text/css")])
+def test_the_dashboard_page_loads_without_a_key(keyed_server, path, file, kind):
+    response = keyed_server.get(path)
+    assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
+    assert response.content == (ROOT / "api" / "dashboard" / file).read_bytes()  # the shipped file: no data
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v1/usage"), ("GET", "/v1/usage/requests"), ("GET", "/metrics"),
+                                          ("GET", "/dashboard/other.js"), ("POST", "/"), ("GET", "//")])
+def test_the_dashboards_data_and_anything_else_still_need_a_key(keyed_server, method, path):
+    response = httpx.request(method, keyed_server.base_url + path, timeout=30)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    if method == "GET" and path.startswith("/v1/usage"):
+        assert keyed_server.get(path, headers=bearer("carol-secret")).status_code == 200
+
+
+def _dashboard_dom(profile: Path, url: str) -> str:
+    """The page as headless Chromium renders it, in a profile (and so a localStorage) that persists."""
+    from tests.test_usage import CHROMIUM, CHROMIUM_FLAGS
+
+    done = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
+def test_the_dashboard_asks_for_a_key_and_keeps_the_one_given(keyed_server, tmp_path):
+    client = openai.OpenAI(base_url=keyed_server.base_url + "/v1", api_key="alice-secret", max_retries=0, timeout=120)
+    client.chat.completions.create(model="greeter", messages=HELLO, temperature=0)
+    url = keyed_server.base_url + "/"
+
+    asking = _dashboard_dom(tmp_path / "no-key", url)
+    assert 'id="status" class="status down">API key needed<' in asking
+    assert '<form id="key-form" class="key-form">' in asking  # shown: no `hidden`
+    assert "this server needs an API key" in asking
+
+    refused = _dashboard_dom(tmp_path / "wrong-key", url + "#key=wrong")
+    assert "the saved API key was refused" in refused and '<form id="key-form" class="key-form">' in refused
+
+    profile = tmp_path / "keyed"
+    for page in (url + "#key=alice-secret", url):  # the second visit has the key from localStorage
+        dom = _dashboard_dom(profile, page)
+        assert 'id="status" class="status ok">ok<' in dom
+        assert '<form id="key-form" class="key-form" hidden="">' in dom
+        totals = keyed_server.get("/v1/usage", headers=bearer("alice-secret")).json()["totals"]
+        assert f'id="total-requests">{totals["requests"]:,}<' in dom and totals["requests"] >= 1
+        assert "<td>greeter</td>" in dom.split('id="requests"')[1]

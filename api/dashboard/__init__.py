@@ -1,5 +1,9 @@
 """The dashboard at GET /: static HTML, CSS and JS shipped in the package, nothing fetched
-from elsewhere. The page reads /health and /v1/usage and redraws itself every few seconds."""
+from elsewhere. The page reads /health and /v1/usage and redraws itself every few seconds.
+
+The page and its files hold no data, so they load without an API key (STATIC_PATHS,
+which api/security.py exempts); when the server wants a key the page asks for one and
+sends it with its own requests."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from ..errors import error_response
 router = APIRouter()
 HERE = Path(__file__).parent
 _FILES = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
+STATIC_PATHS = ("/", *(f"/dashboard/{name}" for name in _FILES))
 
 
 @router.get("/", include_in_schema=False)

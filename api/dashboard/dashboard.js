@@ -1,4 +1,7 @@
 // mlxd dashboard: reads /health and /v1/usage, draws plain SVG, redraws every few seconds.
+// When the server wants an API key, the page asks for it once and keeps it in this
+// browser's localStorage; `/#key=KEY` sets it too (the fragment never reaches the server,
+// and the page removes it from the address bar).
 "use strict";
 
 const REFRESH_MS = 5000;
@@ -12,11 +15,43 @@ const bytes = (n) => n >= 1e9 ? (n / 1e9).toFixed(2) + " GB" : n >= 1e6 ? (n / 1
 const seconds = (s) => s >= 3600 ? (s / 3600).toFixed(1) + " h" : s >= 60 ? (s / 60).toFixed(1) + " min" : s.toFixed(0) + " s";
 const fixed = (x, d) => x === null || x === undefined ? "-" : x.toFixed(d);
 
+const KEY_ITEM = "mlxd.apiKey";
+
+class KeyRefused extends Error {}
+
+function takeKeyFromFragment() {
+  const match = location.hash.match(/^#(?:.*&)?key=([^&]*)/);
+  if (!match) return;
+  localStorage.setItem(KEY_ITEM, decodeURIComponent(match[1]));
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
 async function getJSON(path) {
-  const response = await fetch(path, { cache: "no-store" });
+  const key = localStorage.getItem(KEY_ITEM);
+  const headers = key ? { Authorization: "Bearer " + key } : {};
+  const response = await fetch(path, { cache: "no-store", headers });
+  if (response.status === 401) throw new KeyRefused(key ? "the saved API key was refused" : "this server needs an API key");
   if (!response.ok) throw new Error(path + ": HTTP " + response.status);
   return response.json();
 }
+
+// Ask for a key; the refresh loop waits until one is given.
+function askForKey(message) {
+  localStorage.removeItem(KEY_ITEM);
+  $("status").textContent = "API key needed";
+  $("status").className = "status down";
+  $("key-message").textContent = message;
+  $("key-form").hidden = false;
+  $("key-input").focus();
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  localStorage.setItem(KEY_ITEM, $("key-input").value.trim());
+  $("key-input").value = "";
+  $("key-form").hidden = true;
+  refresh();
+});
 
 function isoDay(date) { return date.toISOString().slice(0, 10); }
 
@@ -180,10 +215,12 @@ async function refresh() {
     showRequests(recent.data.slice(0, 20));
     $("updated").textContent = "updated " + new Date(now).toISOString().slice(11, 19) + " UTC";
   } catch (e) {
+    if (e instanceof KeyRefused) return askForKey(e.message);
     $("status").textContent = "unreachable: " + e.message;
     $("status").className = "status down";
   }
   setTimeout(refresh, REFRESH_MS);
 }
 
+takeKeyFromFragment();
 refresh();

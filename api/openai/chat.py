@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import AsyncIterator, Awaitable, Callable, Optional, Union
+from typing import AsyncIterator, Callable, Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -27,7 +27,8 @@ from mlxd.server.events import (
 from ..clients import client_of
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit
 from ..errors import error_body
-from ..validated import validated_answer
+from ..structured import response_format
+from ..validated import replay, validated_answer
 from .protocol import ChatCompletionRequest, ResponseFormat
 
 router = APIRouter()
@@ -58,7 +59,7 @@ async def _validated(body: ChatCompletionRequest, request: Request, generation: 
     response = ChatResponse(body, accepted, generation.request_id)
     answer = validated_answer(request, generation, handle)
     if body.stream:
-        return _event_stream(_stream(response, _replay(answer), handle.cancel))
+        return _event_stream(_stream(response, replay(answer), handle.cancel))
     answer = await answer
     if answer is None:
         return JSONResponse(error_body("client disconnected", 499), status_code=499)
@@ -112,13 +113,11 @@ def to_generation_request(body: ChatCompletionRequest, ref) -> GenerationRequest
 
 def response_format_of(fmt: Optional[ResponseFormat]) -> Optional[constrained.ResponseFormat]:
     """The engine's constraint; a schema that cannot be enforced raises InvalidSchema (400) here."""
-    if fmt is None or fmt.type == "text":
+    if fmt is None:
         return None
-    if fmt.type == "json_object":
-        return constrained.ResponseFormat("json_object")
     spec = fmt.json_schema
-    schema, relaxed = constrained.check_schema(spec.schema_, param="response_format.json_schema.schema")
-    return constrained.ResponseFormat("json_schema", schema, spec.name, validate=relaxed)
+    return response_format(fmt.type, spec.schema_ if spec else None, spec.name if spec else "",
+                           param="response_format.json_schema.schema")
 
 
 def usage_dict(usage: Usage) -> dict:
@@ -221,18 +220,6 @@ async def _stream(response: ChatResponse, batches: AsyncIterator, cancel: Callab
         yield {"data": "[DONE]"}
     finally:
         cancel()  # no-op once finished; stops generation if the client left
-
-
-async def _replay(answer: Awaitable[Optional[Answer]]) -> AsyncIterator[Union[list, Finish, Failure]]:
-    """A whole answer, once it is known, as `batched` would deliver it."""
-    answer = await answer
-    if answer is None:  # the client went away
-        return
-    events = [ReasoningDelta(text) for text in answer.reasoning] + list(answer.logprobs)
-    events += [ContentDelta(text) for text in answer.content]
-    if events:
-        yield events
-    yield answer.last
 
 
 def _data(obj: dict) -> dict:

@@ -15,13 +15,12 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from typing import AsyncIterator, Callable, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
-from mlxd.server.engine import RequestHandle
 from mlxd.server.errors import ContextLengthExceeded
 from mlxd.server.events import (
     ContentDelta,
@@ -36,6 +35,7 @@ from mlxd.server.events import (
 from ..clients import client_of
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit
 from ..errors import error_body, error_response
+from ..validated import replay, validated_answer
 from .responses_input import CALL_ID_PREFIX, InputError, Translated, translate
 from .responses_protocol import ResponsesRequest
 
@@ -127,7 +127,7 @@ class ResponseBuilder:
             "store": body.store,
             "temperature": body.temperature,
             "top_p": body.top_p,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": _text_format(body)},
             "tool_choice": body.tool_choice or "auto",
             "tools": body.tools or [],
             "metadata": body.metadata or {},
@@ -244,6 +244,11 @@ class ResponseBuilder:
         return out
 
 
+def _text_format(body: ResponsesRequest) -> dict:
+    fmt = body.text.format if body.text else None
+    return fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}
+
+
 def _text_part(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -290,9 +295,16 @@ async def create_response(body: ResponsesRequest, request: Request):
         return JSONResponse(error_body("client disconnected", 499), status_code=499)
     builder.model = accepted.model
     keep = _keeper(store, translated) if body.store else None
+    generation = translated.generation
+    if generation.response_format is not None and generation.response_format.validate:
+        # A schema the grammar enforces only in part: the answer is whole and valid before it is sent.
+        answer = validated_answer(request, generation, handle)
+        if body.stream:
+            return _event_stream(_stream(builder, replay(answer), handle.cancel, keep))
+        return await _complete(builder, answer, keep)
     if body.stream:
-        return _event_stream(_stream(builder, handle, keep))
-    return await _complete(builder, handle, request, keep)
+        return _event_stream(_stream(builder, batched(handle), handle.cancel, keep))
+    return await _complete(builder, collect(handle, request), keep)
 
 
 @router.get("/v1/responses/{response_id}")
@@ -322,12 +334,13 @@ async def _events(events: list[dict]) -> AsyncIterator[dict]:
         yield _sse(event)
 
 
-async def _stream(builder: ResponseBuilder, handle: RequestHandle, keep) -> AsyncIterator[dict]:
+async def _stream(builder: ResponseBuilder, batches: AsyncIterator, cancel: Callable[[], None],
+                  keep) -> AsyncIterator[dict]:
     try:
         for event in builder.start():
             yield _sse(event)
         try:
-            async for batch in batched(handle):
+            async for batch in batches:
                 events = builder.add(batch) if isinstance(batch, list) else builder.finish(batch)
                 for event in events:
                     yield _sse(event)
@@ -336,14 +349,14 @@ async def _stream(builder: ResponseBuilder, handle: RequestHandle, keep) -> Asyn
             yield _sse(builder.event("response.failed", response=builder.response(
                 "failed", error={"code": "server_error", "message": f"internal server error: {e}"})))
             return
-        if keep is not None:
+        if keep is not None and builder.final is not None:
             keep(builder.final)
     finally:
-        handle.cancel()  # no-op once finished; stops generation if the client left
+        cancel()  # no-op once finished; stops generation if the client left
 
 
-async def _complete(builder: ResponseBuilder, handle: RequestHandle, request: Request, keep) -> JSONResponse:
-    answer = await collect(handle, request)
+async def _complete(builder: ResponseBuilder, answer: Awaitable[Optional[Answer]], keep) -> JSONResponse:
+    answer = await answer
     if answer is None:
         return JSONResponse(error_body("client disconnected", 499), status_code=499)
     builder.add(_answer_events(answer))

@@ -12,8 +12,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from mlxd.server.constrained import ResponseFormat
 from mlxd.server.engine import GenerationRequest, ModelRef, SamplingParams
 
+from ..structured import response_format
 from .responses_protocol import ResponsesRequest
 
 log = logging.getLogger("mlxd.api")
@@ -198,12 +200,18 @@ def _tool_choice(choice: Any, functions: list[dict]) -> Any:
     return {"type": "function", "function": {"name": name}}
 
 
+def _response_format(body: ResponsesRequest) -> Optional[ResponseFormat]:
+    """`text.format` as the engine's constraint, checked the way chat completions checks it."""
+    fmt = body.text.format if body.text else None
+    if fmt is None:
+        return None
+    if fmt.type == "json_schema" and fmt.schema_ is None:
+        raise InputError("text.format of type json_schema needs a schema", "text.format.schema")
+    return response_format(fmt.type, fmt.schema_, fmt.name or "response", param="text.format.schema")
+
+
 def translate(body: ResponsesRequest, ref: ModelRef, history: list[dict], request_id: str) -> Translated:
     """The engine request for `body`, continuing `history` (the items of previous_response_id)."""
-    fmt = body.text.format if body.text else None
-    if fmt is not None and fmt.type != "text":
-        raise InputError(f"text.format {fmt.type!r} is not supported yet: this door answers plain text",
-                         "text.format")
     items = history + wire_items(body.input)
     messages = messages_of(body.instructions, items, first_param=len(history))
     if not any(m["role"] in ("user", "tool") for m in messages):
@@ -220,5 +228,6 @@ def translate(body: ResponsesRequest, ref: ModelRef, history: list[dict], reques
         sampling=SamplingParams(temperature=body.temperature, top_p=body.top_p),
         request_id=request_id,
         door="responses",
+        response_format=_response_format(body),
     )
     return Translated(generation, items, namespaced)

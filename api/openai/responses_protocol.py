@@ -46,7 +46,14 @@ class ReasoningConfig(_Open):
 
 
 class TextFormat(_Open):
-    type: str = "text"
+    """`text`, `json_object` (any JSON object) or `json_schema` (JSON valid against `schema`)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Union[dict[str, Any], bool, None] = Field(None, alias="schema")
+    strict: Optional[bool] = None
 
 
 class TextConfig(_Open):
