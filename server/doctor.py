@@ -178,7 +178,7 @@ def _group_rows(group: Optional[dict]) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .distributed import doctor_group
+    from .group import doctor_group
 
     data = collect(args.host)
     # distributed: every rank gathers the group's memory; rank 0 alone reports it

@@ -211,7 +211,7 @@ def test_ranks_that_differ_are_named_at_start(tmp_path):
     (model / "config.json").write_text("{}")
     script.write_text(
         "import os, sys\n"
-        "from mlxd.server.distributed import check_same, init_group\n"
+        "from mlxd.server.group import check_same, init_group\n"
         "group, info = init_group()\n"
         f"problem = check_same(group, '1.0.' + str(info.rank), {str(model)!r})\n"
         "print(f'rank {info.rank}: {problem}', flush=True)\n")
@@ -260,7 +260,7 @@ def test_launcher_command_runs_mlxd_with_this_python_and_serve_gets_distributed(
 
 
 def test_model_digest_follows_config_and_weight_sizes(tmp_path):
-    from mlxd.server.distributed import model_digest
+    from mlxd.server.group import model_digest
 
     (tmp_path / "config.json").write_text('{"a": 1}')
     (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
