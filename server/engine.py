@@ -277,7 +277,7 @@ class Engine:
         may be stuck in an MLX collective that never returns."""
         self._degraded = str(error)
         for active in list(self._active.values()):
-            active.handle._push([Failure(str(error), active.usage)])
+            active.handle._push([Failure(str(error), active.usage, code=error.code, status=503)])
         self._scheduler.fail_all(error)
 
     def preload(self, ref: ModelRef) -> None:

@@ -71,10 +71,14 @@ class Finish:
 
 @dataclass(frozen=True)
 class Failure:
-    """Generation broke off; usage holds what was counted so far."""
+    """Generation broke off; usage holds what was counted so far. `code` and `status`
+    are the error to answer with (a lost distributed group: 503 engine_unavailable);
+    code None: the door's own for a failed generation."""
 
     message: str
     usage: Usage
+    code: Optional[str] = None
+    status: int = 500
 
 
 ParsedEvent = Union[ContentDelta, ReasoningDelta, ToolCallStart, ToolCallArguments]

@@ -159,16 +159,24 @@ def test_client_disconnect_stops_generation_on_every_rank(random_group, random_m
     assert chat(random_group, name, "Hello there", max_tokens=4).usage.completion_tokens == 4
 
 
-def test_killing_rank_1_mid_stream_errors_the_client_and_rank_0_exits(tmp_path, random_model):
+def test_killing_rank_1_mid_stream_errors_the_clients_and_rank_0_exits(tmp_path, random_model):
     group = GroupProcess(tmp_path, ["--distributed-timeout", str(GROUP_TIMEOUT_S), "--model", str(random_model)]).start()
+    whole: list = []  # a non-streaming request in flight beside the stream
+    body = {"model": random_model.name, "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 220}
+    waiting = threading.Thread(target=lambda: whole.append(group.post("/v1/chat/completions", json=body)))
     try:
+        waiting.start()
         stream = group.client().chat.completions.create(
             model=random_model.name, messages=[{"role": "user", "content": "Go on forever."}], max_tokens=220,
             stream=True)
-        with pytest.raises((openai.APIError, httpx.HTTPError)):
+        with pytest.raises((openai.APIError, httpx.HTTPError)) as failed:
             for n, _ in enumerate(stream):
                 if n == 3:
                     os.kill(group.rank_pid(1), signal.SIGKILL)
+        assert "lost a rank" in str(failed.value)
+        waiting.join(timeout=EXIT_WAIT_S)
+        assert whole[0].status_code == 503, whole[0].text
+        assert whole[0].json()["error"]["code"] == "engine_unavailable"
         assert group.proc.wait(timeout=EXIT_WAIT_S) == 1
         log = group.log()
         assert "the distributed group is broken" in log
@@ -188,7 +196,7 @@ def test_a_rank_that_stops_answering_fails_requests_with_503_and_rank_0_exits(tm
             for n, _ in enumerate(stream):
                 if n == 3:  # alive, sockets open, silent: only the watchdog can tell
                     os.kill(rank1, signal.SIGSTOP)
-        assert "lost a rank" in str(failed.value)
+        assert "lost a rank" in str(failed.value) and failed.value.code == "engine_unavailable"
         # Until it exits, rank 0 says why and refuses new requests.
         health = group.get("/health")
         assert health.status_code == 503 and "lost a rank" in health.text

@@ -330,7 +330,7 @@ async def _complete(writer: MessageWriter, handle: RequestHandle, request: Reque
         return JSONResponse(error_body("client disconnected", 499, door=_ANTHROPIC), status_code=499)
     last = answer.last
     if isinstance(last, Failure):
-        return JSONResponse(error_body(last.message, 500, door=_ANTHROPIC), status_code=500)
+        return JSONResponse(error_body(last.message, last.status, door=_ANTHROPIC), status_code=last.status)
     message = writer.message(content_blocks(answer), final_usage(last.usage), stop_reason(last), last.stop_sequence)
     return JSONResponse(message)
 

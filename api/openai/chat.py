@@ -215,7 +215,7 @@ async def _stream(response: ChatResponse, batches: AsyncIterator, cancel: Callab
                 else:
                     yield _data(response.chunk({}, finish_reason=event.reason, usage=event.usage))
             elif isinstance(event, Failure):
-                yield _data(error_body(event.message, 500, code="generation_failed"))
+                yield _data(error_body(event.message, event.status, code=event.code or "generation_failed"))
                 yield _data(response.usage_chunk(event.usage))
         yield {"data": "[DONE]"}
     finally:
@@ -237,9 +237,9 @@ async def _complete(response: ChatResponse, handle: RequestHandle, request: Requ
 def _answer_response(response: ChatResponse, answer: Answer) -> JSONResponse:
     last = answer.last
     if isinstance(last, Failure):
-        body = error_body(last.message, 500, code="generation_failed")
+        body = error_body(last.message, last.status, code=last.code or "generation_failed")
         body["usage"] = usage_dict(last.usage)
-        return JSONResponse(body, status_code=500)
+        return JSONResponse(body, status_code=last.status)
     return JSONResponse({
         "id": response.id,
         "object": "chat.completion",

@@ -164,7 +164,7 @@ class ResponseBuilder:
         """Close the open item and end with the one terminal event."""
         if isinstance(last, Failure):
             out = self._close("incomplete")
-            error = {"code": "server_error", "message": last.message}
+            error = {"code": last.code or "server_error", "message": last.message}
             self.final = self.response("failed", last.usage, error=error)
             return out + [self.event("response.failed", response=self.final)]
         if last.reason == "length":
@@ -364,7 +364,7 @@ async def _complete(builder: ResponseBuilder, answer: Awaitable[Optional[Answer]
     if keep is not None:
         keep(builder.final)
     if isinstance(answer.last, Failure):
-        body = error_body(answer.last.message, 500, code="server_error")
+        body = error_body(answer.last.message, answer.last.status, code=answer.last.code or "server_error")
         body["response"] = builder.final
-        return JSONResponse(body, status_code=500)
+        return JSONResponse(body, status_code=answer.last.status)
     return JSONResponse(builder.final)
