@@ -193,8 +193,12 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if member:
         member.on_terminate()
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                                          timeout_graceful_shutdown=5))
+    if member:
+        server.handle_exit = member.held_sigterm(server.handle_exit)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+        server.run()
     finally:
         engine.stop()
         if member:

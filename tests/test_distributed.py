@@ -76,7 +76,9 @@ def test_greedy_output_is_token_identical_to_one_process(random_group, core_serv
         two = chat(random_group, name, prompt, max_tokens=24, logprobs=True)
         assert [t.token for t in two.choices[0].logprobs.content] == [t.token for t in one.choices[0].logprobs.content]
         assert two.choices[0].message.content == one.choices[0].message.content
-        assert two.usage.model_dump() == one.usage.model_dump()
+        # Exact usage; cached_tokens depends on what each server's prefix cache already holds.
+        assert (two.usage.prompt_tokens, two.usage.completion_tokens) == (one.usage.prompt_tokens,
+                                                                         one.usage.completion_tokens)
 
 
 def test_usage_is_exact_and_the_second_turn_hits_the_prefix_cache(random_group, random_model):
