@@ -38,10 +38,6 @@ log = logging.getLogger("mlxd.distributed")
 HEARTBEAT_S = 1.0
 # After failing the requests, how long rank 0 lets the server write the errors out before exiting.
 EXIT_GRACE_S = 5.0
-# How long rank 0 holds a SIGTERM back: mlx.launch sends it as soon as another rank dies,
-# often before rank 0's next collective notices, and shutting down at once would cut the
-# streams that the group's exit is about to end with a clear error.
-SIGTERM_HOLD_S = 3.0
 # A step's operations travel in one all_sum of this many bytes (a second one carries the rest
 # of a bigger step, such as one that admits a long prompt).
 FRAME_BYTES = 2048
@@ -270,15 +266,19 @@ class Member:
         signal.signal(signal.SIGINT, stopped)
 
     def held_sigterm(self, handle_exit: Callable) -> Callable:
-        """uvicorn's exit handler, with SIGTERM held back up to SIGTERM_HOLD_S for the
-        group's own exit (which fails the requests in flight and ends the process)."""
+        """uvicorn's exit handler, with SIGTERM held back for the group's own exit (which
+        fails the requests in flight with a clear error and ends the process). mlx.launch
+        sends SIGTERM as soon as another rank dies, often before rank 0's next collective
+        notices; shutting down at once would cut those streams. The hold lasts until the
+        watchdog would have caught a hung peer; `mlxd launch` stops groups with SIGINT,
+        which is never held."""
 
         def handler(sig, frame):
             if sig != signal.SIGTERM:
                 return handle_exit(sig, frame)
 
             def later():
-                deadline = time.monotonic() + SIGTERM_HOLD_S
+                deadline = time.monotonic() + self.link.timeout + 2 * EXIT_GRACE_S
                 while time.monotonic() < deadline and not self.exit.started:
                     time.sleep(0.05)
                 if not self.exit.started:
