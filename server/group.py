@@ -144,13 +144,9 @@ def load_shard(name: str, path: Path, group, shard: Optional[str], trust_remote_
     """This rank's shard of the model as a `LoadedModel` (weights outside the shard are never read),
     and the kind of sharding used."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
     from mlx_lm.utils import load_model, load_tokenizer
 
-    from mlxd.registry import config_context_length
-
-    from .models import DEFAULT_CONTEXT_LENGTH, LoadedModel, _keep_first_space, sampling_defaults_of
+    from .models import loaded_model
 
     path = Path(path)
     start = time.perf_counter()
@@ -170,21 +166,10 @@ def load_shard(name: str, path: Path, group, shard: Optional[str], trust_remote_
     mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, {"trust_remote_code": trust_remote_code},
                                eos_token_ids=config.get("eos_token_id"))
-    _keep_first_space(tokenizer)  # as models.load_model: the same text as one process
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # every rank has its shard
-    nbytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    lm = LoadedModel(
-        name=name,
-        path=path,
-        model=model,
-        tokenizer=tokenizer,
-        context_length=config_context_length(path) or DEFAULT_CONTEXT_LENGTH,
-        sampling_defaults=sampling_defaults_of(path),
-        nbytes=nbytes,
-        cache_trimmable=all(type(c) in (KVCache, QuantizedKVCache) for c in make_prompt_cache(model)),
-    )
+    lm = loaded_model(name, path, model, tokenizer)  # as one process loads it: the same text and sizes
     log.info("rank %d: loaded its %s shard of %s in %.2f s (%.1f MB here)", group.rank(), kind, name,
-             time.perf_counter() - start, nbytes / 1e6)
+             time.perf_counter() - start, lm.nbytes / 1e6)
     return lm, kind
 
 

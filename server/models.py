@@ -66,18 +66,14 @@ def _keep_first_space(tokenizer) -> None:
         tokenizer._detokenizer.__class__ = ExactBPEStreamingDetokenizer
 
 
-def load_model(name: str, path: Path, trust_remote_code: bool = False) -> LoadedModel:
-    """Load weights and tokenizer with mlx-lm, logging what loaded and how long it took."""
+def loaded_model(name: str, path: Path, model, tokenizer) -> LoadedModel:
+    """What the engine keeps of a model loaded whole or as one rank's shard: the first
+    space kept by its detokenizer, its context, sampling defaults, size and cache kind."""
     from mlx.utils import tree_flatten
-    from mlx_lm import load
     from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
-    log.info("loading model %s from %s", name, path)
-    start = time.perf_counter()
-    model, tokenizer = load(str(path), trust_remote_code=trust_remote_code)
     _keep_first_space(tokenizer)
-    seconds = time.perf_counter() - start
-    loaded = LoadedModel(
+    return LoadedModel(
         name=name,
         path=path,
         model=model,
@@ -87,6 +83,17 @@ def load_model(name: str, path: Path, trust_remote_code: bool = False) -> Loaded
         nbytes=sum(v.nbytes for _, v in tree_flatten(model.parameters())),
         cache_trimmable=all(type(c) in (KVCache, QuantizedKVCache) for c in make_prompt_cache(model)),
     )
+
+
+def load_model(name: str, path: Path, trust_remote_code: bool = False) -> LoadedModel:
+    """Load weights and tokenizer with mlx-lm, logging what loaded and how long it took."""
+    from mlx_lm import load
+
+    log.info("loading model %s from %s", name, path)
+    start = time.perf_counter()
+    model, tokenizer = load(str(path), trust_remote_code=trust_remote_code)
+    loaded = loaded_model(name, path, model, tokenizer)
+    seconds = time.perf_counter() - start
     log.info(
         "loaded model %s in %.2f s (%.1f MB, context %d tokens)",
         name,
