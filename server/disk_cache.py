@@ -86,11 +86,16 @@ def _state_arrays(cache: list) -> tuple[dict, list]:
     states = []
     for c in cache:
         state = c.state
-        if type(c) is KVCache and c.keys is not None and c.offset < c.keys.shape[2]:
+        if isinstance(c, KVCache) and c.keys is not None and c.offset < c.keys.shape[2]:
             state = (c.keys[..., : c.offset, :], c.values[..., : c.offset, :], c.offset)
         states.append(state)
     arrays = {k: as_array(k, v) for k, v in tree_flatten(states)}
-    return arrays, [[type(c).__name__ for c in cache], scalars]
+    return arrays, [[_mlx_lm_class(c) for c in cache], scalars]
+
+
+def _mlx_lm_class(cache) -> str:
+    """The name `load_prompt_cache` rebuilds a cache by: mlx-lm's class, or the one ours extends."""
+    return next(k.__name__ for k in type(cache).__mro__ if k.__module__ == "mlx_lm.models.cache")
 
 
 _DTYPES = {

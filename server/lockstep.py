@@ -41,8 +41,10 @@ class Steps:
                              ram_bytes=prefix_cache.ram_bytes, ram_entries=prefix_cache.ram_entries)
         # The followers build their Steps from rank 0's settings.
         self._pending: list[tuple] = [("setup", self.settings)] if link is not None else []
-        # Caches taken out of the batch (removed, extracted, finished) until saved or the next step.
-        self._held: dict[int, tuple[list, list[int]]] = {}
+        # Caches taken out of the batch (removed, extracted, finished) until saved or the
+        # next step: (cache, its tokens, how many of them were the prompt).
+        self._held: dict[int, tuple[list, list[int], int]] = {}
+        self._prompt_lens: dict[int, int] = {}  # of the sequences in the batch
 
     @contextlib.contextmanager
     def _collective(self):
@@ -85,6 +87,7 @@ class Steps:
             self._record("close")
             batch, self.batch, self.lm = self.batch, None, None
             self._held.clear()
+            self._prompt_lens.clear()
             batch.close()
 
     def spill(self) -> None:
@@ -119,6 +122,7 @@ class Steps:
         if masker is not None:  # last, so that no bias can bring back a token it masked
             processors = [*processors, masker]
         cache, rest = self.prefix_cache.fetch(self.lm, tokens)
+        cache = _with_room(cache if cache is not None else _fresh_cache(self.lm.model), len(tokens))
         n_cached = len(tokens) - len(rest)
         cuts = {n: kind for n, kind in checkpoints.items() if n > n_cached}
         if sampling.get("seed") is not None:
@@ -134,6 +138,7 @@ class Steps:
         )
         if expect is not None and expect != (uid, n_cached):
             raise Diverged(f"admitted as (uid, cached tokens) {(uid, n_cached)}, rank 0 got {expect}")
+        self._prompt_lens[uid] = len(tokens)
         self._record("admit", tokens, checkpoints, max_tokens, sampling, grammar, stop, (uid, n_cached))
         return uid, n_cached
 
@@ -149,7 +154,7 @@ class Steps:
             prompt_responses, gen_responses = self.batch.next()
         for r in gen_responses:
             if r.finish_reason is not None:
-                self._held[r.uid] = (r.prompt_cache, r.all_tokens)
+                self._held[r.uid] = (r.prompt_cache, r.all_tokens, self._prompt_lens.pop(r.uid, len(r.all_tokens)))
         return prompt_responses, gen_responses
 
     def remove(self, uids: list[int]) -> dict[int, int]:
@@ -157,22 +162,24 @@ class Steps:
         Returns each one's token count."""
         self._record("remove", list(uids))
         caches = self.batch.remove(list(uids), return_prompt_caches=True)
-        self._held.update({uid: (cache, tokens) for uid, (cache, tokens) in caches.items()})
+        for uid, (cache, tokens) in caches.items():
+            self._held[uid] = (cache, tokens, self._prompt_lens.pop(uid, len(tokens)))
         return {uid: len(tokens) for uid, (_, tokens) in caches.items()}
 
     def extract(self, uids: list[int]) -> dict[int, int]:
         """Copy sequences' caches so far (at a prompt checkpoint) for `save`; returns their token counts."""
         self._record("extract", list(uids))
         caches = self.batch.extract_cache(list(uids))
-        self._held.update(caches)
+        for uid, (cache, tokens) in caches.items():
+            self._held[uid] = (cache, list(tokens), len(tokens))
         return {uid: len(tokens) for uid, (_, tokens) in caches.items()}
 
     def save(self, uid: int, kind: str = "assistant") -> None:
         """Keep a held cache for later prefix hits."""
         self._record("save", uid, kind)
-        cache, tokens = self._held.pop(uid)
+        cache, tokens, prompt_len = self._held.pop(uid)
         with self._collective():  # evaluating it may wait on a step still running across the group
-            self.prefix_cache.save(self.lm, tokens, cache, kind)
+            self.prefix_cache.save(self.lm, tokens, cache, kind, prompt_len)
 
     def idle(self) -> None:
         """Nothing to step: a group's rank 0 still sends what it recorded (a heartbeat
@@ -195,6 +202,28 @@ class Steps:
                 self.admit(*call, expect=expect)
             else:
                 getattr(self, op)(*args)
+
+
+def _fresh_cache(model) -> Optional[list]:
+    """An empty cache whose buffer the batch will adopt, for models whose layers all
+    keep plain KV caches; None lets mlx-lm make its own (rotating, recurrent)."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    from .kv_cache import HandoffKVCache
+
+    cache = make_prompt_cache(model)
+    return [HandoffKVCache() for _ in cache] if all(type(c) is KVCache for c in cache) else None
+
+
+def _with_room(cache: Optional[list], n_tokens: int) -> Optional[list]:
+    """Tell a handed-off cache how many tokens its sequence's prompt holds, so the
+    batch allocates for all of them at once rather than 256 tokens at a time."""
+    from .kv_cache import HandoffKVCache
+
+    for c in cache or ():
+        if isinstance(c, HandoffKVCache):
+            c.reserve = n_tokens
+    return cache
 
 
 def _segments(tokens: list[int], n_cached: int, checkpoints: dict[int, Any]) -> list[list[int]]:

@@ -1,10 +1,16 @@
 """The prefix cache: KV caches of earlier prompts, so that a request sharing a
 prefix with one of them reads only the rest.
 
-Two tiers. RAM: mlx-lm's `LRUPromptCache` (whole turns, and checkpoints at message
-ends). Disk (`disk_cache.DiskTier`): what RAM evicts goes there instead of away,
-and it survives restarts; at exit the RAM tier is written out too. A lookup takes
+Two tiers. RAM (`RamTier`): whole turns, and checkpoints at message ends. Disk
+(`disk_cache.DiskTier`): what RAM evicts goes there instead of away, and it
+survives restarts; at exit the RAM tier is written out too. A lookup takes
 whichever tier serves more of the prompt.
+
+A turn that continues a conversation takes the previous turn's cache out of RAM
+and hands its buffer to the batch, which appends to it in place (`kv_cache`): the
+turn saves it back, longer, when it ends. A request that shares only part of an
+entry (another conversation with the same system prompt) leaves the entry in
+place and gets its own copy, made by MLX at the batch's first write.
 
 `ram_bytes` bounds the saved caches only: the live batch's KV is bounded by the
 batch size and the context window. The entry just saved is never evicted in the
@@ -16,16 +22,19 @@ weights or a changed tokenizer never reuse old KV.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
 import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from .disk_cache import DiskTier
+from .disk_cache import DiskTier, usable_prefix
 
 log = logging.getLogger("mlxd.prefix_cache")
 
@@ -49,15 +58,86 @@ def model_key(path: Path) -> str:
     return h.hexdigest()[:24]
 
 
+@dataclass
+class RamEntry:
+    model: str
+    tokens: np.ndarray  # int32
+    cache: list
+    nbytes: int
+    kind: str  # "assistant" (a whole turn), or a checkpoint's "user" or "system"
+    # How many of `tokens` the request was asked with (the rest it generated).
+    prompt_len: int
+    trimmable: bool
+
+
+class RamTier:
+    """Caches in RAM, least recently used first. Engine thread only, but for sizes."""
+
+    def __init__(self):
+        self._entries: OrderedDict[tuple[str, bytes], RamEntry] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def find(self, model: str, prompt: np.ndarray) -> tuple[Optional[RamEntry], int]:
+        """The entry serving the most prompt tokens (the shortest of equals), and how many."""
+        best, best_n = None, 0
+        for entry in self._entries.values():
+            if entry.model == model:
+                n = usable_prefix(entry.tokens, prompt, entry.trimmable)
+                if n > best_n or (n == best_n and best is not None and len(entry.tokens) < len(best.tokens)):
+                    best, best_n = entry, n
+        return best, best_n
+
+    def touch(self, entry: RamEntry) -> None:
+        self._entries.move_to_end(_ram_key(entry))
+
+    def pop(self, entry: RamEntry) -> None:
+        del self._entries[_ram_key(entry)]
+        self.nbytes -= entry.nbytes
+
+    def insert(self, entry: RamEntry) -> None:
+        """Add or replace an entry; a trimmable one replaces the entries it extends."""
+        same = self._entries.get(_ram_key(entry))
+        if same is not None:
+            self.pop(same)
+        if entry.trimmable:
+            for other in list(self._entries.values()):
+                if other.model == entry.model and len(other.tokens) < len(entry.tokens) \
+                        and np.array_equal(other.tokens, entry.tokens[: len(other.tokens)]):
+                    self.pop(other)
+        self._entries[_ram_key(entry)] = entry
+        self.nbytes += entry.nbytes
+
+    def evict(self, max_bytes: int, max_entries: int, keep: Optional[RamEntry] = None) -> list[RamEntry]:
+        """Take out entries until the tier fits, least recently used first and the
+        system prompt's checkpoints last; `keep` stays unless it alone is too big."""
+        if keep is not None and keep.nbytes > max_bytes:
+            self.pop(keep)
+            return [keep]
+        order = sorted(self._entries.values(), key=lambda e: e.kind == "system")  # stable: LRU within
+        evicted = []
+        for entry in order:
+            if self.nbytes <= max_bytes and len(self._entries) <= max_entries:
+                break
+            if entry is not keep:
+                self.pop(entry)
+                evicted.append(entry)
+        return evicted
+
+
+def _ram_key(entry: RamEntry) -> tuple[str, bytes]:
+    return entry.model, entry.tokens.tobytes()
+
+
 class PrefixCache:
     """Both tiers behind one API. Engine thread only, but for `stats`."""
 
     def __init__(self, *, ram_bytes: int, ram_entries: int, disk_dir: Optional[Path], disk_bytes: int):
-        from mlx_lm.models.cache import LRUPromptCache
-
         self.ram_bytes = ram_bytes
         self.ram_entries = ram_entries
-        self.ram = LRUPromptCache(max_size=1 << 62, max_bytes=1 << 62)  # limits applied by _evict
+        self.ram = RamTier()
         self.disk: Optional[DiskTier] = None
         if disk_dir is not None and disk_bytes > 0:
             try:
@@ -81,42 +161,73 @@ class PrefixCache:
 
     def fetch(self, lm, tokens: list[int]) -> tuple[Optional[list], list[int]]:
         """The cache of the longest known prefix and the tokens still to read
-        (at least one: the model needs it to produce logits)."""
+        (at least one: the model needs it to produce logits). The cache is the
+        caller's: to write into, and to `save` back when done."""
         key = self._key(lm)
-        cache, rest = _fetch_ram(self.ram, key, tokens)
-        tier = "ram" if cache is not None else "miss"
+        prompt = np.asarray(tokens, np.int32)
+        entry, n = self.ram.find(key, prompt)
+        cache, tier = None, "miss"
         if self.disk is not None and len(tokens) > 1:
-            entry, n_disk = self.disk.find(key, np.asarray(tokens, np.int32), lm.cache_trimmable)
-            if entry is not None and n_disk >= len(tokens) - len(rest) + MIN_DISK_GAIN:
+            disk_entry, n_disk = self.disk.find(key, prompt, lm.cache_trimmable)
+            if disk_entry is not None and n_disk >= n + MIN_DISK_GAIN:
                 start = time.perf_counter()
-                loaded = self.disk.load(entry)
-                if loaded is not None:
-                    from mlx_lm.models.cache import trim_prompt_cache
-
-                    if len(entry.tokens) > n_disk:
-                        trim_prompt_cache(loaded, len(entry.tokens) - n_disk)
-                    cache, rest, tier = loaded, tokens[n_disk:], "disk"
+                cache = self.disk.load(disk_entry)
+                if cache is not None:
+                    cache, n, tier = [_adopted(c) for c in cache], n_disk, "disk"
+                    held = len(disk_entry.tokens)
                     log.info("prefix cache: %d of %d prompt tokens from disk (%.1f MB in %.2f s)",
-                             n_disk, len(tokens), entry.nbytes / 1e6, time.perf_counter() - start)
-        self.hits[tier] += 1
-        if cache is not None:
-            self.cached_tokens[tier] += len(tokens) - len(rest)
-        return cache, rest
+                             n, len(tokens), disk_entry.nbytes / 1e6, time.perf_counter() - start)
+        if cache is None and entry is not None:
+            cache, tier, held = self._take(entry, n), "ram", len(entry.tokens)
+        if cache is None:
+            self.hits["miss"] += 1
+            return None, tokens
+        from mlx_lm.models.cache import trim_prompt_cache
 
-    def save(self, lm, tokens: list[int], cache: list, kind: str = "assistant") -> None:
-        """Keep a sequence's cache for later prefix hits. It is evaluated now: a
-        cache taken from the batch is a lazy copy that would otherwise hold the
-        batch's whole buffers alive, outside the byte budget, until first used."""
+        if held > n:  # only trimmable caches serve less than they hold
+            trim_prompt_cache(cache, held - n)
+        self.hits[tier] += 1
+        self.cached_tokens[tier] += n
+        return cache, tokens[n:]
+
+    def _take(self, entry: RamEntry, n: int) -> list:
+        """An entry's cache for a request it serves `n` tokens of. A request that reads
+        all the entry was asked with continues that conversation: it takes the entry,
+        buffers and all, and saves it back longer (what it drops is the tail of a
+        generation that the next turn rendered otherwise). Anyone else gets a copy."""
+        from mlx_lm.models.cache import KVCache
+
+        from .kv_cache import HandoffKVCache
+
+        if not all(type(c) in (KVCache, HandoffKVCache) for c in entry.cache):
+            self.ram.touch(entry)
+            return copy.deepcopy(entry.cache)  # caches of other kinds are copied as mlx-lm does
+        if n >= entry.prompt_len - 1:
+            self.ram.pop(entry)
+            return [_adopted(c) for c in entry.cache]
+        self.ram.touch(entry)
+        return [_shared(c) for c in entry.cache]
+
+    def save(self, lm, tokens: list[int], cache: list, kind: str = "assistant",
+             prompt_len: Optional[int] = None) -> None:
+        """Keep a sequence's cache for later prefix hits; `prompt_len` of its tokens
+        were the request's prompt (default: all). It is evaluated now: a cache taken
+        from a batch of several is a lazy copy that would otherwise hold the batch's
+        whole buffers alive, outside the byte budget, until first used."""
         import mlx.core as mx
+        from mlx_lm.models.cache import can_trim_prompt_cache
 
         mx.eval([c.state for c in cache])
-        key, tokens = self._key(lm), list(tokens)
-        self.ram.insert_cache(key, tokens, cache, cache_type=kind)
-        self._spill(_evict(self.ram, self.ram_bytes, self.ram_entries, keep=(key, tokens)))
+        tokens = np.asarray(tokens, np.int32)
+        entry = RamEntry(self._key(lm), tokens, cache, sum(c.nbytes for c in cache), kind,
+                         len(tokens) if prompt_len is None else min(prompt_len, len(tokens)),
+                         can_trim_prompt_cache(cache))
+        self.ram.insert(entry)
+        self._spill(self.ram.evict(self.ram_bytes, self.ram_entries, keep=entry))
 
     def spill(self) -> None:
         """Move every RAM entry to disk (or drop it, without a disk tier): models unload."""
-        self._spill(_evict(self.ram, 0, 0))
+        self._spill(self.ram.evict(0, 0))
 
     def close(self, timeout: float = 20.0) -> None:
         """At exit: RAM to disk, and the writer given `timeout` seconds to finish."""
@@ -137,13 +248,11 @@ class PrefixCache:
             "cached_tokens": dict(self.cached_tokens),
         }
 
-    def _spill(self, evicted: list[tuple[str, list[int], list]]) -> None:
+    def _spill(self, evicted: list[RamEntry]) -> None:
         if self.disk is None:
             return
-        from mlx_lm.models.cache import can_trim_prompt_cache
-
-        for key, tokens, cache in evicted:
-            self.disk.put(key, tokens, cache, trimmable=can_trim_prompt_cache(cache))
+        for entry in evicted:
+            self.disk.put(entry.model, entry.tokens.tolist(), entry.cache, trimmable=entry.trimmable)
 
     def _key(self, lm) -> str:
         """The model's fingerprint, computed once per load (a reload may see new files)."""
@@ -154,50 +263,16 @@ class PrefixCache:
         return known[1]
 
 
-def _fetch_ram(ram, key: str, tokens: list[int]):
-    """The longest prefix in RAM, always leaving at least one token to feed the model.
+def _adopted(cache):
+    """A plain KV cache as one the batch adopts without a copy (the caller gives it up)."""
+    from mlx_lm.models.cache import KVCache
 
-    A cache that cannot be trimmed (rotating, recurrent) cannot give back its
-    last token, so a prompt it covers whole resumes from a shorter checkpoint.
-    """
-    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+    from .kv_cache import HandoffKVCache
 
-    cache, rest = ram.fetch_nearest_cache(key, tokens)
-    if cache is not None and not rest:
-        if can_trim_prompt_cache(cache):
-            trim_prompt_cache(cache, 1)
-            return cache, tokens[-1:]
-        cache, rest = ram.fetch_nearest_cache(key, tokens[:-1])
-        rest = rest + tokens[-1:]
-    return cache, rest
+    return HandoffKVCache.adopt(cache) if type(cache) is KVCache else cache
 
 
-def _evict(ram, max_bytes: int, max_entries: int, keep: Optional[tuple] = None) -> list[tuple]:
-    """Evict least recently used entries from mlx-lm's LRUPromptCache until it fits,
-    returning them (model, tokens, cache). `keep` stays unless it alone is too big.
+def _shared(cache):
+    from .kv_cache import HandoffKVCache
 
-    LRUPromptCache drops what it evicts; this is its `trim_to` with the entries handed back."""
-    evicted, held = [], None
-
-    def over() -> bool:
-        return ram.nbytes > max_bytes or len(ram) + (held is not None) > max_entries
-
-    def pop(model, tokens) -> None:
-        entry = ram._trie.pop(model, tokens)
-        ram._n_bytes -= entry.nbytes
-        ram._n_bytes_by_type[entry.cache_type] -= entry.nbytes
-        evicted.append((model, tokens, entry.prompt_cache))
-
-    if keep is not None and ram._trie.get(*keep).nbytes > max_bytes:  # it alone is too big: it goes, alone
-        ram._lru.remove(*keep)
-        pop(*keep)
-        keep = None
-    while over() and len(ram):
-        model, tokens = ram._lru.pop()
-        if held is None and keep is not None and model == keep[0] and tokens == keep[1]:
-            held = (model, tokens)
-            continue
-        pop(model, tokens)
-    if held is not None:
-        ram._lru.push(*held, ram._trie.get(*held).cache_type)
-    return evicted
+    return HandoffKVCache.share(cache)

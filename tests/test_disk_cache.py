@@ -184,6 +184,7 @@ def test_the_ram_budget_keeps_the_entry_just_saved_and_spills_to_disk(tmp_path, 
     assert stats["disk"]["entries"] == 1
     hit, rest = cache.fetch(lm, [2] * 40 + [3])
     assert rest == [3] and same_kv(hit, second, 40)
+    cache.save(lm, [2] * 40, hit)  # the next turn took it and gives it back
     hit, rest = cache.fetch(lm, [1] * 40 + [3])
     assert rest == [3] and same_kv(hit, first, 40)
     assert cache.stats()["hits"] == {"ram": 1, "disk": 1, "miss": 0}
@@ -207,6 +208,7 @@ def test_a_disk_entry_is_used_only_when_it_serves_more_than_ram(tmp_path, model_
     assert len(rest) == 1 and hit[0].offset == 55 and cache.stats()["hits"]["disk"] == 1
     hit, rest = cache.fetch(lm, list(range(10)) + [99] * 5 + [7])
     assert rest == [7] and cache.stats()["hits"]["ram"] == 1
+    cache.save(lm, list(range(10)) + [99] * 5, hit)  # given back by the turn that took it
     # Reading a file to skip a few more tokens than RAM has is not worth it.
     hit, rest = cache.fetch(lm, list(range(10 + MIN_DISK_GAIN - 1)) + [7])
     assert hit[0].offset == 10 and cache.stats()["hits"] == {"ram": 2, "disk": 1, "miss": 0}
@@ -235,3 +237,55 @@ def test_a_rotating_cache_round_trips(tmp_path):
     assert n == 24 and type(loaded) is RotatingKVCache and loaded.offset == rotating.offset
     assert mx.array_equal(loaded.keys, rotating.keys).item()
     tier.close(30)
+
+
+def test_a_continuation_takes_the_entry_and_a_partial_match_gets_a_copy(model_dir):
+    lm = _Model("m", model_dir)
+    cache = PrefixCache(ram_bytes=1 << 20, ram_entries=16, disk_dir=None, disk_bytes=0)
+    tokens = list(range(40))
+    turn = kv_cache(40, seed=14)
+    before = [np.array(c.keys[..., :40, :]) for c in turn]
+    cache.save(lm, tokens, turn, prompt_len=30)  # asked with 30 tokens, 10 generated
+
+    # Another conversation sharing 20 tokens: the entry stays, and writing into
+    # what this request got leaves the entry's KV as it was.
+    shared, rest = cache.fetch(lm, tokens[:20] + [99] * 5)
+    assert rest == [99] * 5 and shared[0].offset == 20 and len(cache.ram) == 1
+    for c in shared:
+        c.update_and_fetch(mx.ones((1, HEADS, 5, DIM)), mx.ones((1, HEADS, 5, DIM)))
+    mx.eval([c.state for c in shared])
+
+    # The next turn of the conversation reads all it was asked with: it takes the
+    # entry out of RAM, its buffer included, and gets the entry's KV.
+    taken, rest = cache.fetch(lm, tokens[:30] + [7, 7])
+    assert rest == [7, 7] and len(cache.ram) == 0 and cache.nbytes == 0
+    assert all(c.offset == 30 and np.array_equal(np.array(c.keys[..., :30, :]), k[..., :30, :])
+               for c, k in zip(taken, before))
+    assert all(c.keys.shape == t.keys.shape for c, t in zip(taken, turn))  # its room to grow came along
+    assert cache.stats()["hits"] == {"ram": 2, "disk": 0, "miss": 0}
+    cache.close()
+
+
+def test_a_batch_of_one_adopts_the_buffer_and_gives_it_back_whole():
+    from mlxd.server.kv_cache import HandoffBatchKVCache, HandoffKVCache
+
+    (layer,) = kv_cache(40, seed=15)[:1]
+    own = HandoffKVCache.adopt(layer)
+    own.reserve = 1000
+    batch = HandoffBatchKVCache.merge([own])
+    assert batch.keys is layer.keys and batch.size() == 40
+    batch.filter([0])  # the move from prefill to decode keeps it
+    assert batch.keys is layer.keys
+    # Growing makes room for the whole prompt at once, and an eighth more.
+    batch.update_and_fetch(mx.ones((1, HEADS, 300, DIM)), mx.ones((1, HEADS, 300, DIM)))
+    assert batch.keys.shape[2] >= 1000 + 340 // 8 and batch.size() == 340
+    back = batch.extract(0)
+    assert type(back) is HandoffKVCache and back.offset == 340 and back.keys.shape == batch.keys.shape
+    assert np.array_equal(np.array(back.keys[..., 40:340, :]), np.ones((1, HEADS, 300, DIM), np.float32))
+
+    # Several sequences are merged, filtered and extracted as mlx-lm does.
+    other = HandoffKVCache.adopt(kv_cache(10, seed=16)[0])
+    pair = HandoffBatchKVCache.merge([HandoffKVCache.adopt(kv_cache(40, seed=15)[0]), other])
+    assert pair.keys.shape[0] == 2 and pair.size() == 40
+    alone = pair.extract(1)
+    assert alone.offset == 10 and same_kv([alone], [other], 10)
