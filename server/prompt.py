@@ -1,7 +1,8 @@
 """Turn OpenAI-style messages into the token list the model reads.
 
 The prompt is rendered once with the model's own chat template and tokenized
-once; `prompt_tokens` in usage is the length of exactly this list.
+once (the part an earlier prompt began with is not tokenized again:
+`prompt_tokens`); `prompt_tokens` in usage is the length of exactly this list.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Optional
 from jinja2 import TemplateError
 
 from .output import forced_prefix
+from .prompt_tokens import encode_prompt
 
 log = logging.getLogger("mlxd.prompt")
 
@@ -229,7 +231,7 @@ def build_prompt(
         raise ValueError("this model has no chat template")
     messages = normalize_messages(messages, reads_thinking(tokenizer.chat_template))
     messages, text = _render_chat(tokenizer, messages, tools, suffix, thinking)
-    tokens = tokenizer.encode(text, add_special_tokens=False)
+    tokens = encode_prompt(tokenizer, text)
     starts_in_reasoning = False
     if tokenizer.has_thinking:
         starts_in_reasoning = text.rfind(tokenizer.think_start) > text.rfind(tokenizer.think_end)
