@@ -353,11 +353,27 @@ class Engine:
                 except Exception:
                     log.exception("failing the requests after an engine error raised too")
                 self._recover()
-        for active in list(self._active.values()):  # the server is stopping under them
-            self._release(active.handle, None, outcome="cancelled", reason="shutdown", active=active)
-        self._active.clear()
+        self._end_in_flight()
         self._close_batch()
         self._prompt_cache.close()
+
+    def _end_in_flight(self) -> None:
+        """The server stops under the requests in the batch: each ends, and what it read
+        and generated is saved like a cancelled request's, so the disk tier keeps it."""
+        built = []
+        if self._active:
+            try:
+                built = self._remove_from_batch(list(self._active))
+            except Exception:
+                log.warning("could not take the requests in flight out of the batch", exc_info=True)
+        for active in list(self._active.values()):
+            self._release(active.handle, None, outcome="cancelled", reason="shutdown", active=active)
+        self._active.clear()
+        for uid in built:
+            try:
+                self._steps.save(uid)
+            except Exception:
+                log.warning("could not save the cache of a request in flight", exc_info=True)
 
     def _iterate(self) -> None:
         self._take_inbox(block=not self._active and not self._scheduler.waiting)

@@ -187,3 +187,46 @@ def test_the_disk_budget_is_respected(tmp_path, disk_model):
         assert starts == {tuple(prompt_ids(disk_model, c)) for c in chats[2:]}
     finally:
         server.stop()
+
+
+def test_a_stop_during_an_answer_keeps_what_it_read_and_generated(tmp_path, disk_model):
+    """The engine stopping under a request saves that request's cache (prompt and the
+    tokens generated so far) like a cancelled one's, and the disk tier keeps it."""
+    import asyncio
+
+    from mlxd.server.engine import Engine, GenerationRequest, ModelRef, SamplingParams
+    from tests.ground_truth import tokenizer_of
+
+    chat = messages("Omega", "Write a long story.")
+    n_prompt = len(prompt_ids(disk_model, chat))
+    no_end = {t: -100.0 for t in tokenizer_of(disk_model).all_special_ids}  # an answer that goes on
+
+    def engine() -> Engine:
+        e = Engine(prompt_cache_dir=tmp_path / "kv", prompt_cache_disk_bytes=1 << 30)
+        e.start()
+        return e
+
+    def request(max_tokens: int) -> GenerationRequest:
+        return GenerationRequest(model=ModelRef("random-disk", disk_model), messages=chat, max_tokens=max_tokens,
+                                 sampling=SamplingParams(temperature=0.0, logit_bias=no_end))
+
+    async def stop_while_answering() -> int:
+        first = engine()
+        handle = first.submit(request(4000), asyncio.get_running_loop())
+        accepted = await handle.accepted
+        for _ in range(3):  # some tokens are out: the answer is under way
+            await handle.next_events()
+        await asyncio.get_running_loop().run_in_executor(None, first.stop)
+        return accepted.cached_tokens
+
+    async def ask_again() -> int:
+        second = engine()
+        try:
+            handle = second.submit(request(1), asyncio.get_running_loop())
+            return (await handle.accepted).cached_tokens
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, second.stop)
+
+    assert asyncio.run(stop_while_answering()) == 0
+    assert entry_files(tmp_path, tmp_path / "kv")
+    assert asyncio.run(ask_again()) == n_prompt - 1  # all of it but the token the model must read
