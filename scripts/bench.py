@@ -23,11 +23,14 @@ Measures, client side and streamed through a real server:
     runs off the MLX thread;
   * peak memory: MLX's peak in this process and in the server (the server's
     includes its prefix cache, bounded by --prompt-cache-gb), and the server's RSS;
-  * the prefix cache (--cache-tokens, --restart-tokens): a warm turn's TTFT
-    against its floor (this process prefilling just the new tokens onto a cache
-    of the cached length, plus one decode step), the exact repeat's TTFT against
-    two decode steps plus 20 ms, and after a restart the next turn's TTFT (its
-    history read from the disk tier) over the first turn's cold TTFT.
+  * the prefix cache (--cache-tokens, --restart-tokens): the TTFT of the warm
+    turns of one agent conversation against their floor (this process prefilling
+    just the new tokens onto a cache of the cached length, plus one decode step),
+    the exact repeat's TTFT against two decode steps plus 20 ms, a branch of the
+    conversation (read from a copy of its cache), and after a restart the next
+    turn's TTFT (its history read from the disk tier) over the first turn's cold TTFT;
+    then the same for a real model, SmolLM2-135M-Instruct from PyPI as float32
+    (--real-cache-tokens, --real-restart-tokens; --skip-real leaves it out).
 Absolute numbers depend on the machine; compare the ratios.
 """
 
@@ -42,178 +45,18 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlxd.server.blas import setup_blas  # noqa: E402  (must run before mlx.core is imported)
-
-BLAS = setup_blas()
+from scripts.bench_client import (  # noqa: E402  (sets up the BLAS before MLX loads)
+    BLAS, STORY, TOOL_SECONDS, Bench, _list, _ms, opencode_like_tools, peak_rss_gb, system_prompt_of,
+)
 
 import mlx.core as mx  # noqa: E402
-from mlx_lm import load, stream_generate  # noqa: E402
-from mlx_lm.sample_utils import make_logits_processors  # noqa: E402
 
+from scripts.bench_cache import cache_rows, model_cache_rows, restart_rows, smollm2_float32  # noqa: E402
 from scripts.testmodels import build_random_model  # noqa: E402
 from tests.server_process import ServerProcess  # noqa: E402
-
-# Between two turns the agent runs the tool; the server saves the first turn's
-# cache meanwhile.
-TOOL_SECONDS = 0.5
-SYSTEM_WORDS = "You are opencode, an interactive CLI coding agent. Follow the user's instructions exactly. "
-STORY = [{"role": "user", "content": "Write a story."}]
-
-
-def opencode_like_tools(n: int = 10) -> list[dict]:
-    """Tools shaped like opencode's (with "$schema" keys), to make the prompt realistic."""
-    return [
-        {
-            "type": "function",
-            "function": {
-                "name": f"tool_{i}",
-                "description": f"Tool number {i}. " + "It does a useful thing with files and commands. " * 8,
-                "parameters": {
-                    "$schema": "http://json-schema.org/draft-07/schema#",
-                    "type": "object",
-                    "properties": {
-                        "path": {"type": "string", "description": "The absolute path to operate on."},
-                        "command": {"type": "string", "description": "The command to run, if any."},
-                    },
-                    "required": ["path"],
-                    "additionalProperties": False,
-                },
-            },
-        }
-        for i in range(n)
-    ]
-
-
-def system_prompt_of(n_tokens: int, tokenizer) -> str:
-    text = ""
-    while len(tokenizer.encode(text)) < n_tokens:
-        text += SYSTEM_WORDS
-    return text
-
-
-class Bench:
-    """The served model, a client for it, and the same model loaded in this process."""
-
-    def __init__(self, server: ServerProcess, model_dir: Path):
-        self.server = server
-        self.client = server.client()
-        self.model_name = self.client.models.list().data[0].id
-        self.model, self.tokenizer = load(str(model_dir))
-        eos = self.tokenizer.eos_token_ids
-        self.raw_no_eos = make_logits_processors({t: -1e9 for t in eos})
-        self.served_no_eos = {str(t): -100 for t in eos}
-
-    def raw_decode(self, n_tokens: int, processor=None) -> float:
-        """Decode tokens/s of mlx-lm itself, in this process (with one more logits processor)."""
-        prompt = self.tokenizer.apply_chat_template(STORY, add_generation_prompt=True)
-        last = None
-        for last in stream_generate(
-            self.model, self.tokenizer, prompt, max_tokens=n_tokens,
-            logits_processors=self.raw_no_eos + ([processor] if processor else []),
-        ):
-            pass
-        assert last.generation_tokens == n_tokens
-        return last.generation_tps
-
-    def stream(self, messages, *, max_tokens, tools=None, no_eos=False) -> dict:
-        """One streamed completion, timed from the request to the first and last token.
-
-        The first token is the first chunk with output or a finish_reason: a
-        random model's first tokens can be partial UTF-8 that the server holds
-        back, so the agent turns ask for max_tokens=1 and time that chunk.
-        """
-        start = time.perf_counter()
-        first = last = answered = None
-        usage = None
-        chunks = self.client.chat.completions.create(
-            model=self.model_name,
-            messages=messages,
-            tools=tools,
-            max_tokens=max_tokens,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-            logit_bias=self.served_no_eos if no_eos else None,
-        )
-        for chunk in chunks:
-            choice = chunk.choices[0] if chunk.choices else None
-            if choice and (choice.delta.content or choice.delta.tool_calls):
-                last = time.perf_counter()
-                first = first or last
-            if choice and (choice.delta.content or choice.delta.tool_calls or choice.finish_reason):
-                answered = answered or time.perf_counter()
-            if chunk.usage:
-                usage = chunk.usage
-        decode_s = (last or 0) - (first or 0)
-        return {
-            "ttft": (answered or time.perf_counter()) - start,
-            "decode_tps": (usage.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0,
-            "completion_tokens": usage.completion_tokens,
-            "prompt_tokens": usage.prompt_tokens,
-            "cached_tokens": usage.prompt_tokens_details.cached_tokens,
-        }
-
-    def light_decode(self, n_tokens: int, response_format: dict | None = None, on_first=None) -> float:
-        """Decode tokens/s through the server, read by a minimal SSE client
-        (httpx and json.loads): the openai SDK's per-chunk parsing shares the
-        CPU with the model on a small machine and shows up as server time.
-        `on_first()` runs when the first token arrives; the longest wait between
-        two tokens is kept in `self.max_gap`."""
-        body = {"model": self.model_name, "messages": STORY, "max_tokens": n_tokens, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}, "logit_bias": self.served_no_eos}
-        if response_format:
-            body["response_format"] = response_format
-        first = last = None
-        completion_tokens = 0
-        self.max_gap = 0.0
-        with httpx.stream("POST", self.server.base_url + "/v1/chat/completions", json=body, timeout=120) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[len("data: "):])
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    now = time.perf_counter()
-                    self.max_gap = max(self.max_gap, now - (last or now))
-                    if first is None and on_first is not None:
-                        on_first()
-                    last = now
-                    first = first or last
-                if chunk.get("usage"):
-                    completion_tokens = chunk["usage"]["completion_tokens"]
-        assert completion_tokens == n_tokens
-        return (completion_tokens - 1) / (last - first)
-
-    def timed_first_chunk(self, response_format: dict) -> float:
-        """Seconds from the request to its one token's finish (max_tokens=1)."""
-        body = {"model": self.model_name, "messages": STORY, "max_tokens": 1, "temperature": 0,
-                "stream": True, "response_format": response_format}
-        start = time.perf_counter()
-        with httpx.stream("POST", self.server.base_url + "/v1/chat/completions", json=body, timeout=120) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {") and '"finish_reason":"' in line:
-                    return time.perf_counter() - start
-        raise RuntimeError("no output")
-
-    def concurrent(self, n: int, max_tokens: int) -> float:
-        """Aggregate decode tokens/s of n simultaneous streams with distinct prompts."""
-        results = [None] * n
-
-        def run(i):
-            story = [{"role": "user", "content": f"Write story number {i}."}]
-            results[i] = self.stream(story, max_tokens=max_tokens, no_eos=True)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return sum(r["completion_tokens"] for r in results) / (time.perf_counter() - start)
 
 
 def decode_rows(bench: Bench, n_tokens: int, rounds: int) -> list[tuple]:
@@ -280,92 +123,6 @@ def agent_rows(bench: Bench, system_tokens: int, rounds: int) -> list[tuple]:
          f"median of {rounds}: {_list(r['ttft'] * 1000 for r in plain)}"),
         (f"turn 2 TTFT, title between ({titled[0]['cached_tokens']} cached)", _ms(titled_ttft),
          f"x{titled_ttft / plain_ttft:.2f} of no title; {_list(r['ttft'] * 1000 for r in titled)}"),
-    ]
-
-
-def prefill_floor(bench: Bench, n_cached: int, n_new: int, rounds: int = 3) -> tuple[float, float]:
-    """The physical floor of a warm turn, in this process with raw mlx-lm: prefill
-    `n_new` tokens onto a cache of `n_cached`, plus one decode step; and that decode
-    step alone. Medians of `rounds`."""
-    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-
-    tokens = mx.random.randint(0, len(bench.tokenizer.vocab) - 1000, (n_cached + n_new,))
-    cache = make_prompt_cache(bench.model)
-    for i in range(0, n_cached, 512):
-        bench.model(tokens[None, i:min(i + 512, n_cached)], cache=cache)
-        mx.eval([c.state for c in cache])
-    warm, step = [], []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        y = mx.argmax(bench.model(tokens[None, n_cached:], cache=cache)[:, -1], axis=-1)
-        mx.eval(y)
-        prefilled = time.perf_counter()
-        mx.eval(mx.argmax(bench.model(y[None], cache=cache)[:, -1], axis=-1))
-        done = time.perf_counter()
-        warm.append(done - start)
-        step.append(done - prefilled)
-        trim_prompt_cache(cache, n_new + 1)
-    return statistics.median(warm), statistics.median(step)
-
-
-def agent_conversation(bench: Bench, system_tokens: int, tag: str) -> tuple[list, callable]:
-    """An agent's first turn with a system prompt of about `system_tokens`, and its
-    next turns: a tool call, its result and a short new user message."""
-    system = {"role": "system", "content": f"{tag}. " + system_prompt_of(system_tokens, bench.tokenizer)}
-    turn1 = [system, {"role": "user", "content": "List the files."}]
-
-    def next_turn(i: int) -> list:
-        call = {"id": f"call{i:05d}", "type": "function",
-                "function": {"name": "tool_0", "arguments": json.dumps({"path": f"/tmp/{i}"})}}
-        return turn1 + [
-            {"role": "assistant", "content": "", "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": f"call{i:05d}", "content": "a.txt\nb.txt"},
-        ]
-
-    return turn1, next_turn
-
-
-def cache_rows(bench: Bench, sizes: list[int], rounds: int) -> list[tuple]:
-    """Warm-turn and exact-repeat TTFT against their floors, per prompt size."""
-    rows = []
-    for size in sizes:
-        turn1, next_turn = agent_conversation(bench, size, f"Size {size}")
-        bench.stream(turn1, max_tokens=1)
-        time.sleep(TOOL_SECONDS)
-        warm = [bench.stream(next_turn(i), max_tokens=1) for i in range(rounds)]
-        repeat = [bench.stream(next_turn(0), max_tokens=1) for _ in range(rounds)]
-        n_prompt, n_cached = warm[0]["prompt_tokens"], warm[0]["cached_tokens"]
-        floor, step = prefill_floor(bench, n_cached, n_prompt - n_cached)
-        warm_ttft = statistics.median(r["ttft"] for r in warm)
-        repeat_ttft = statistics.median(r["ttft"] for r in repeat)
-        repeat_goal = 2 * step + 0.020
-        rows += [
-            (f"warm turn TTFT ({n_prompt} prompt, {n_cached} cached)", _ms(warm_ttft),
-             f"x{warm_ttft / floor:.2f} of floor {_ms(floor)} (goal x1.5); {_list(r['ttft'] * 1000 for r in warm)}"),
-            (f"exact repeat TTFT ({repeat[0]['cached_tokens']} cached)", _ms(repeat_ttft),
-             f"goal {_ms(repeat_goal)} (2 decode steps of {_ms(step)} + 20 ms); "
-             f"{_list(r['ttft'] * 1000 for r in repeat)}"),
-        ]
-    return rows
-
-
-def restart_rows(bench: Bench, model_dir: Path, work: Path, n_tokens: int) -> list[tuple]:
-    """The next turn of a conversation after a restart (its history read from the
-    disk tier) against the first turn cold, each on a fresh server."""
-    turn1, next_turn = agent_conversation(bench, n_tokens, "Restart")
-    results = []
-    for turn in (turn1, next_turn(0)):
-        server = ServerProcess(work, ["--model", str(model_dir), "--keep-alive", "-1"],
-                               env={"MLXD_HOME": str(work / "restart-home")}).start()
-        try:
-            results.append(Bench(server, model_dir).stream(turn, max_tokens=1))
-        finally:
-            server.stop()
-    cold, warm = results
-    return [
-        (f"agent turn 1 TTFT, cold, fresh server ({cold['prompt_tokens']} prompt tokens)", _ms(cold["ttft"]), ""),
-        (f"turn 2 TTFT after a restart ({warm['prompt_tokens']} prompt, {warm['cached_tokens']} cached)",
-         _ms(warm["ttft"]), f"x{warm['ttft'] / cold['ttft']:.3f} of cold (goal x0.15)"),
     ]
 
 
@@ -533,24 +290,6 @@ def prompt_build_rows(bench: Bench, n_tokens: int, rounds: int, prompt_tokens: i
     ]
 
 
-def peak_rss_gb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms"
-
-
-def _list(values) -> str:
-    return " ".join(f"{v:.0f}" if v >= 100 else f"{v:.1f}" for v in values)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="model directory (default: build a random ~30M model)")
@@ -568,6 +307,11 @@ def main() -> int:
     parser.add_argument("--restart-tokens", type=int, default=8000,
                         help="system prompt size of the restart figure")
     parser.add_argument("--skip-structured", action="store_true", help="leave out constrained decoding")
+    parser.add_argument("--skip-real", action="store_true",
+                        help="leave out the prefix-cache figures of the real model (SmolLM2-135M, from PyPI)")
+    parser.add_argument("--real-cache-tokens", default="2000,6000",
+                        help="the real model's warm-turn sizes (its context is 8k tokens)")
+    parser.add_argument("--real-restart-tokens", type=int, default=6000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as work:
         rows = measure(args, Path(work))
@@ -613,6 +357,10 @@ def measure(args: argparse.Namespace, work: Path) -> list[tuple]:
         server.stop()
     if not args.skip_agent:
         rows += restart_rows(bench, model_dir, work, args.restart_tokens)
+    if not args.skip_agent and not args.skip_real:
+        print("the same prefix-cache figures for SmolLM2-135M-Instruct (float32)", flush=True)
+        rows += model_cache_rows(smollm2_float32(work), work, [int(n) for n in args.real_cache_tokens.split(",")],
+                                 args.real_restart_tokens, min(args.rounds, 3), "SmolLM2-135M")
     return rows
 
 
