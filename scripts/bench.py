@@ -313,13 +313,22 @@ def main() -> int:
                         help="the real model's warm-turn sizes (its context is 8k tokens)")
     parser.add_argument("--real-restart-tokens", type=int, default=6000)
     args = parser.parse_args()
+    print(f"BLAS: {BLAS.library}", flush=True)
     with tempfile.TemporaryDirectory(prefix="mlxd-bench-") as work:
-        rows = measure(args, Path(work))
-    width = max(len(r[0]) for r in rows)
-    print(f"\nBLAS: {BLAS.library}")
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>10}  {note}")
+        print_table(measure(args, Path(work)))
+        if not args.skip_agent and not args.skip_real:
+            print("\nthe prefix-cache figures of SmolLM2-135M-Instruct (float32)", flush=True)
+            print_table(model_cache_rows(smollm2_float32(Path(work)), Path(work),
+                                         [int(n) for n in args.real_cache_tokens.split(",")],
+                                         args.real_restart_tokens, min(args.rounds, 3), "SmolLM2-135M"))
     return 0
+
+
+def print_table(rows: list[tuple]) -> None:
+    width = max(len(r[0]) for r in rows)
+    print()
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>10}  {note}", flush=True)
 
 
 def measure(args: argparse.Namespace, work: Path) -> list[tuple]:
@@ -328,7 +337,7 @@ def measure(args: argparse.Namespace, work: Path) -> list[tuple]:
     if model_dir is None:
         model_dir = build_random_model(work / "bench", hidden_size=512, num_layers=8, intermediate_size=1536,
                                        context_length=32768)
-    print(f"model: {model_dir}  BLAS: {BLAS.library}", flush=True)
+    print(f"model: {model_dir}", flush=True)
 
     server = ServerProcess(work, ["--model", str(model_dir), "--keep-alive", "-1"]).start()
     try:
@@ -357,10 +366,6 @@ def measure(args: argparse.Namespace, work: Path) -> list[tuple]:
         server.stop()
     if not args.skip_agent:
         rows += restart_rows(bench, model_dir, work, args.restart_tokens)
-    if not args.skip_agent and not args.skip_real:
-        print("the same prefix-cache figures for SmolLM2-135M-Instruct (float32)", flush=True)
-        rows += model_cache_rows(smollm2_float32(work), work, [int(n) for n in args.real_cache_tokens.split(",")],
-                                 args.real_restart_tokens, min(args.rounds, 3), "SmolLM2-135M")
     return rows
 
 

@@ -121,6 +121,7 @@ def smollm2_float32(work: Path) -> Path:
     from mlxd.registry.gguf import convert_gguf
     from scripts.convert_gguf import smollm2_gguf
 
+    (work / "smollm2-gguf").mkdir(exist_ok=True)
     return convert_gguf(smollm2_gguf(work / "smollm2-gguf"), work / "smollm2-135m-f32", dtype="float32")
 
 
