@@ -15,7 +15,6 @@ from typing import AsyncIterator, Optional, Union
 
 from fastapi import Request
 
-from mlxd.server.engine import Accepted, GenerationRequest, RequestHandle
 from mlxd.server.events import (
     ContentDelta,
     Failure,
@@ -25,6 +24,7 @@ from mlxd.server.events import (
     ToolCallArguments,
     ToolCallStart,
 )
+from mlxd.server.requests import Accepted, GenerationRequest, RequestHandle
 from mlxd.server.runtime import Runtime
 
 # How often the client is sent an SSE comment while it waits (long prefill);

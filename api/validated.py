@@ -19,8 +19,8 @@ from typing import AsyncIterator, Awaitable, Optional, Union
 from fastapi import Request
 
 from mlxd.server import constrained
-from mlxd.server.engine import GenerationRequest, RequestHandle
 from mlxd.server.events import ContentDelta, Failure, Finish, ReasoningDelta, Usage
+from mlxd.server.requests import GenerationRequest, RequestHandle
 
 from .engine_stream import Answer, collect, submit
 

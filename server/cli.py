@@ -120,7 +120,8 @@ def _serve(args: argparse.Namespace) -> int:
     from mlxd.api.app import create_app
     from mlxd.api.security import policy_for
 
-    from .engine import Engine, ModelRef
+    from .engine import Engine
+    from .requests import ModelRef
     from .ledger import Ledger
     from .runtime import Runtime
 

@@ -9,11 +9,12 @@ from typing import Optional
 
 from mlxd import registry
 
-from .engine import Engine, GenerationRequest, ModelRef
+from .engine import Engine
 from .errors import ModelNotFound, ModelUnavailable
 from .models import DEFAULT_CONTEXT_LENGTH
 from .output import output_format_for
 from .prompt import request_prompt
+from .requests import GenerationRequest, ModelRef
 
 log = logging.getLogger("mlxd.runtime")
 

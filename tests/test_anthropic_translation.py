@@ -13,10 +13,10 @@ from mlx_lm.utils import load_tokenizer
 from mlxd.api.anthropic.messages import MessageWriter, engine_error_response, stop_reason, system_messages, to_generation_request
 from mlxd.api.anthropic.protocol import CountTokensRequest, TextBlock
 from mlxd.server.claude import environment, parse_aliases, script, serve_command
-from mlxd.server.engine import Accepted, ModelRef
 from mlxd.server.errors import QueueFull
 from mlxd.server.events import ContentDelta, Finish, ReasoningDelta, ToolCallArguments, ToolCallStart, Usage
 from mlxd.server.prompt import build_prompt, late_system_as_user
+from mlxd.server.requests import Accepted, ModelRef
 from scripts.testmodels import build_tokenizer_files
 
 REF = ModelRef("m", path=None)

@@ -334,7 +334,8 @@ def test_a_client_that_stops_reading_is_dropped_and_its_generation_cancelled(lon
     megabytes of chunks before a stalled client held up the engine's queue."""
     import asyncio
 
-    from mlxd.server.engine import Engine, GenerationRequest, ModelRef
+    from mlxd.server.engine import Engine
+    from mlxd.server.requests import GenerationRequest, ModelRef
     from mlxd.server.events import Failure, Finish
 
     engine = Engine(client_timeout=0.5, max_batch_size=1)
@@ -374,7 +375,7 @@ def test_a_client_that_stops_reading_is_dropped_and_its_generation_cancelled(lon
 
 def test_a_model_is_unloaded_only_after_the_next_one_loaded(tmp_path, greeting_model, random_model):
     """In-process with real models: the model slots alone, one slot."""
-    from mlxd.server.engine import ModelRef
+    from mlxd.server.requests import ModelRef
     from mlxd.server.errors import ModelLoadFailed
     from mlxd.server.model_slots import ModelSlots
 

@@ -19,7 +19,7 @@ from mlxd.api.openai.responses_input import (
     translate,
 )
 from mlxd.api.openai.responses_protocol import ResponsesRequest
-from mlxd.server.engine import ModelRef
+from mlxd.server.requests import ModelRef
 
 REF = ModelRef("m", Path("/nowhere"))
 

@@ -22,9 +22,9 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 
-from mlxd.server.engine import Accepted, GenerationRequest, ModelRef, RequestHandle, SamplingParams
 from mlxd.server.errors import ContextLengthExceeded, QueueFull
 from mlxd.server.events import ContentDelta, Failure, Finish, ReasoningDelta, ToolCallArguments, ToolCallStart, Usage
+from mlxd.server.requests import Accepted, GenerationRequest, ModelRef, RequestHandle, SamplingParams
 
 from ..clients import client_of
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit

@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from mlxd.server import constrained
-from mlxd.server.engine import Accepted, GenerationRequest, RequestHandle, SamplingParams
 from mlxd.server.events import (
     ContentDelta,
     Failure,
@@ -23,6 +22,7 @@ from mlxd.server.events import (
     ToolCallStart,
     Usage,
 )
+from mlxd.server.requests import Accepted, GenerationRequest, RequestHandle, SamplingParams
 
 from ..clients import client_of
 from ..engine_stream import KEEPALIVE_SECONDS, Answer, batched, collect, resolve_model, submit

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from mlxd.server.constrained import ResponseFormat
-from mlxd.server.engine import GenerationRequest, ModelRef, SamplingParams
+from mlxd.server.requests import GenerationRequest, ModelRef, SamplingParams
 
 from ..structured import response_format
 from .responses_protocol import ResponsesRequest
