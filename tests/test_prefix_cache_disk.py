@@ -194,7 +194,8 @@ def test_a_stop_during_an_answer_keeps_what_it_read_and_generated(tmp_path, disk
     tokens generated so far) like a cancelled one's, and the disk tier keeps it."""
     import asyncio
 
-    from mlxd.server.engine import Engine, GenerationRequest, ModelRef, SamplingParams
+    from mlxd.server.engine import Engine
+    from mlxd.server.requests import GenerationRequest, ModelRef, SamplingParams
     from tests.ground_truth import tokenizer_of
 
     chat = messages("Omega", "Write a long story.")
@@ -230,3 +231,38 @@ def test_a_stop_during_an_answer_keeps_what_it_read_and_generated(tmp_path, disk
     assert asyncio.run(stop_while_answering()) == 0
     assert entry_files(tmp_path, tmp_path / "kv")
     assert asyncio.run(ask_again()) == n_prompt - 1  # all of it but the token the model must read
+
+
+def test_a_turn_removed_before_reading_gives_the_cache_it_took_back(disk_model):
+    """A conversation's next turn takes the previous turn's cache out of the prefix
+    cache; removed from the batch before its first step (cancelled at once), it hands
+    the same cache back, so the conversation loses nothing."""
+    from mlxd.server.lockstep import Steps
+    from mlxd.server.models import load_model
+    from mlxd.server.prefix_cache import PrefixCache
+
+    lm = load_model("random-disk", disk_model)
+    cache = PrefixCache(ram_bytes=1 << 30, ram_entries=16, disk_dir=None, disk_bytes=0)
+    steps = Steps(stream=mx.new_stream(mx.default_device()), prefix_cache=cache, max_batch_size=4,
+                  prefill_step_size=512)
+    steps.open(lm)
+    greedy = {"temperature": 0.0, "top_p": 1.0, "min_p": 0.0, "top_k": 0}
+    free = dict(response_format=None, tool_format=None, tools=None, tool_choice="auto", forced=False, think=None,
+                starts_in_reasoning=False)  # no grammar
+    turn1 = prompt_ids(disk_model, messages("Sigma"))
+    uid, _ = steps.admit(turn1, {}, 1, greedy, free, [])
+    while uid not in steps._held:  # the answer's one token
+        steps.next()
+    steps.save(uid)
+    assert cache.stats()["ram"]["entries"] == 1
+
+    turn2 = turn1 + [7, 8, 9]  # shares the prompt, not the answer
+    held = len(turn1)
+    uid, n_cached = steps.admit(turn2, {}, 1, greedy, free, [])
+    assert n_cached == held and cache.stats()["ram"]["entries"] == 0  # taken
+    assert steps.remove([uid]) == {uid: held}
+    steps.save(uid)
+    assert cache.stats()["ram"]["entries"] == 1
+    uid, n_cached = steps.admit(turn2, {}, 1, greedy, free, [])
+    assert n_cached == held
+    steps.close()
