@@ -97,14 +97,19 @@ def cache_rows(bench: Bench, sizes: list[int], rounds: int) -> list[tuple]:
 
 def restart_rows(bench: Bench, model_dir: Path, work: Path, n_tokens: int) -> list[tuple]:
     """The next turn of a conversation after a restart (its history read from the
-    disk tier) against the first turn cold, each on a fresh server."""
+    disk tier) against the first turn cold, each on a fresh server once its model
+    has loaded (the server loads it at start, beside the first request otherwise)."""
     turn1, next_turn = agent_conversation(bench, n_tokens, "Restart")
     results = []
     for turn in (turn1, next_turn(0)):
         server = ServerProcess(work, ["--model", str(model_dir), "--keep-alive", "-1"],
                                env={"MLXD_HOME": str(work / "restart-home")}).start()
         try:
-            results.append(Bench(server, model_dir).stream(turn, max_tokens=1))
+            fresh = Bench(server, model_dir)
+            deadline = time.monotonic() + 120
+            while not server.get("/health").json().get("loaded") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            results.append(fresh.stream(turn, max_tokens=1))
         finally:
             server.stop()
     cold, warm = results
