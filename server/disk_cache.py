@@ -63,9 +63,10 @@ def usable_prefix(entry_tokens: np.ndarray, prompt: np.ndarray, trimmable: bool)
     return n if n == len(entry_tokens) < len(prompt) else 0
 
 
-def _state_arrays(cache: list) -> tuple[dict, list]:
+def _state_arrays(cache: list) -> tuple[dict, list, dict]:
     """The cache's state as mlx-lm's `save_prompt_cache` lays it out: flat arrays,
-    scalars as arrays; a plain KVCache only up to its offset."""
+    scalars as arrays; a plain KVCache only up to its offset. Also, for the arrays
+    cut to an offset, their whole buffer and the rows kept: (buffer, rows)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models.cache import KVCache
@@ -83,14 +84,15 @@ def _state_arrays(cache: list) -> tuple[dict, list]:
                 return mx.array([]) if kind == "none" else mx.array(value)
         raise ValueError(f"model state is not serializable: {type(value).__name__}")
 
-    states = []
-    for c in cache:
+    states, windows = [], {}
+    for i, c in enumerate(cache):
         state = c.state
         if isinstance(c, KVCache) and c.keys is not None and c.offset < c.keys.shape[2]:
             state = (c.keys[..., : c.offset, :], c.values[..., : c.offset, :], c.offset)
+            windows[f"{i}.0"], windows[f"{i}.1"] = (c.keys, c.offset), (c.values, c.offset)  # tree_flatten's names
         states.append(state)
     arrays = {k: as_array(k, v) for k, v in tree_flatten(states)}
-    return arrays, [[_mlx_lm_class(c) for c in cache], scalars]
+    return arrays, [[_mlx_lm_class(c) for c in cache], scalars], windows
 
 
 def _mlx_lm_class(cache) -> str:
@@ -106,37 +108,51 @@ _DTYPES = {
 
 
 def snapshot(cache: list, model: str, tokens: list[int]) -> tuple[dict, dict, dict]:
-    """Engine thread: the cache as evaluated contiguous arrays, zero-copy byte views
-    of them for the writer, and the file's metadata. No MLX work is left for the writer."""
+    """Engine thread: the cache's arrays, zero-copy byte views of them for the writer,
+    and the file's metadata. No MLX work is left for the writer. A KV buffer with
+    room beyond its offset is not copied: the writer takes the rows in use, head by
+    head, straight from it (the C order of the array cut to its offset)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    arrays, (classes, scalars) = _state_arrays(cache)
-    arrays = {k: mx.contiguous(v) for k, v in arrays.items()}
-    raw = {k: v.reshape(-1).view(mx.uint8) for k, v in arrays.items()}
-    mx.eval(list(arrays.values()), list(raw.values()))
-    views = {k: (_DTYPES[str(arrays[k].dtype).split(".")[-1]], list(arrays[k].shape), memoryview(v))
-             for k, v in raw.items()}
+    arrays, (classes, scalars), windows = _state_arrays(cache)
+    whole = {k: mx.contiguous(windows[k][0] if k in windows else v) for k, v in arrays.items()}
+    raw = {k: v.reshape(-1).view(mx.uint8) for k, v in whole.items()}
+    mx.eval(list(whole.values()), list(raw.values()))
+    views = {}
+    for k, v in arrays.items():
+        chunks = [memoryview(raw[k])]
+        if k in windows:
+            buffer, rows = windows[k]
+            row_bytes = buffer.shape[-1] * buffer.itemsize
+            blocks = np.frombuffer(chunks[0], np.uint8).reshape(-1, buffer.shape[-2] * row_bytes)
+            chunks = [memoryview(block) for block in blocks[:, : rows * row_bytes]]
+        views[k] = (_DTYPES[str(v.dtype).split(".")[-1]], list(v.shape), chunks)
     ours = {"model": model, "format": FORMAT, "tokens": base64.b64encode(np.asarray(tokens, "<i4").tobytes()).decode()}
     metadata = dict(tree_flatten([ours, classes, scalars]))
     return arrays, views, metadata
+
+
+def _nbytes(chunks: list) -> int:
+    return sum(c.nbytes for c in chunks)
 
 
 def write_file(path: Path, views: dict, metadata: dict) -> int:
     """Write a safetensors file atomically: a temporary name, fsync, rename. Returns its size."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    for name, (dtype, shape, view) in views.items():
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + view.nbytes]}
-        offset += view.nbytes
+    for name, (dtype, shape, chunks) in views.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + _nbytes(chunks)]}
+        offset += _nbytes(chunks)
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     tmp = path.with_name(path.name + _TMP)
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for _, _, view in views.values():
-            f.write(view)
+        for _, _, chunks in views.values():
+            for chunk in chunks:
+                f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -206,7 +222,7 @@ class DiskTier:
                 self._jobs.put(("touch", path))
                 return
         arrays, views, metadata = snapshot(cache, model, tokens)
-        nbytes = sum(v.nbytes for _, _, v in views.values())
+        nbytes = sum(_nbytes(chunks) for _, _, chunks in views.values())
         with self._lock:
             pending = sum(e.nbytes for e in self._entries.values() if e.pending is not None)
             if nbytes > self.budget_bytes or pending + nbytes > self.max_pending_bytes:
