@@ -11,7 +11,8 @@ else holds that buffer, and copies it first when something does. So a buffer tha
 one owner hands to the next is never copied, and a shared one is copied once, at
 its first write, with no way to corrupt the other holder. The classes here only
 hand buffers over: `HandoffKVCache` is one sequence's cache as the prefix cache
-gives it to the batch, and `HandoffBatchKVCache` is mlx-lm's `BatchKVCache` that,
+gives it to the batch (the buffer of the conversation it continues, or its own
+copy of the part it shares with another), and `HandoffBatchKVCache` is mlx-lm's `BatchKVCache` that,
 for a batch of one sequence, adopts that buffer as it is, keeps it when the
 sequence moves to decoding, and gives it back whole when the sequence leaves.
 It also grows in proportion to its length, making room at once for the whole
@@ -50,13 +51,21 @@ class HandoffKVCache(KVCache):
         return handoff
 
     @classmethod
-    def share(cls, cache: KVCache) -> "HandoffKVCache":
-        """New array objects over the same buffers: `cache` keeps its own, and the
-        first write into these copies them (MLX does, as the buffer is shared)."""
+    def copy_of(cls, cache: KVCache, n: int, room: int) -> "HandoffKVCache":
+        """Its own copy of the first `n` tokens of `cache` (which stays as it is), in a
+        buffer with room for `room` tokens: a request sharing a few hundred tokens of
+        a long conversation copies those, not the conversation."""
+        import mlx.core as mx
+
         handoff = cls()
-        if cache.keys is not None:
-            handoff.keys, handoff.values = cache.keys[...], cache.values[...]
-        handoff.offset = cache.offset
+        if cache.keys is not None and n > 0:
+            batch, heads, _, _ = cache.keys.shape
+            size = _round_up(max(n, room) + int(max(n, room) * GROWTH))
+            handoff.keys, handoff.values = (
+                mx.concatenate([a[..., :n, :], mx.zeros((batch, heads, size - n, a.shape[3]), a.dtype)], axis=2)
+                for a in (cache.keys, cache.values)
+            )
+            handoff.offset = n
         return handoff
 
 

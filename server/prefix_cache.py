@@ -10,7 +10,7 @@ A turn that continues a conversation takes the previous turn's cache out of RAM
 and hands its buffer to the batch, which appends to it in place (`kv_cache`): the
 turn saves it back, longer, when it ends. A request that shares only part of an
 entry (another conversation with the same system prompt) leaves the entry in
-place and gets its own copy, made by MLX at the batch's first write.
+place and gets its own copy of the shared tokens.
 
 `ram_bytes` bounds the saved caches only: the live batch's KV is bounded by the
 batch size and the context window. The entry just saved is never evicted in the
@@ -174,39 +174,40 @@ class PrefixCache:
                 cache = self.disk.load(disk_entry)
                 if cache is not None:
                     cache, n, tier = [_adopted(c) for c in cache], n_disk, "disk"
-                    held = len(disk_entry.tokens)
+                    _trim(cache, len(disk_entry.tokens) - n)
                     log.info("prefix cache: %d of %d prompt tokens from disk (%.1f MB in %.2f s)",
                              n, len(tokens), disk_entry.nbytes / 1e6, time.perf_counter() - start)
         if cache is None and entry is not None:
-            cache, tier, held = self._take(entry, n), "ram", len(entry.tokens)
+            cache, tier = self._take(entry, n, len(tokens)), "ram"
         if cache is None:
             self.hits["miss"] += 1
             return None, tokens
-        from mlx_lm.models.cache import trim_prompt_cache
-
-        if held > n:  # only trimmable caches serve less than they hold
-            trim_prompt_cache(cache, held - n)
         self.hits[tier] += 1
         self.cached_tokens[tier] += n
         return cache, tokens[n:]
 
-    def _take(self, entry: RamEntry, n: int) -> list:
-        """An entry's cache for a request it serves `n` tokens of. A request that reads
-        all the entry was asked with continues that conversation: it takes the entry,
-        buffers and all, and saves it back longer (what it drops is the tail of a
-        generation that the next turn rendered otherwise). Anyone else gets a copy."""
+    def _take(self, entry: RamEntry, n: int, n_prompt: int) -> list:
+        """An entry's cache, cut to the `n` tokens it serves of an `n_prompt`-token prompt.
+
+        A request that reads all the entry was asked with continues that conversation:
+        it takes the entry, buffers and all, and saves it back longer (what it drops is
+        the tail of a generation that the next turn rendered otherwise). Anyone else
+        gets a copy of those `n` tokens, in a buffer sized for its own prompt."""
         from mlx_lm.models.cache import KVCache
 
         from .kv_cache import HandoffKVCache
 
         if not all(type(c) in (KVCache, HandoffKVCache) for c in entry.cache):
             self.ram.touch(entry)
-            return copy.deepcopy(entry.cache)  # caches of other kinds are copied as mlx-lm does
-        if n >= entry.prompt_len - 1:
+            cache = copy.deepcopy(entry.cache)  # caches of other kinds are copied as mlx-lm does
+        elif n >= entry.prompt_len - 1:
             self.ram.pop(entry)
-            return [_adopted(c) for c in entry.cache]
-        self.ram.touch(entry)
-        return [_shared(c) for c in entry.cache]
+            cache = [_adopted(c) for c in entry.cache]
+        else:
+            self.ram.touch(entry)
+            return [HandoffKVCache.copy_of(c, n, n_prompt) for c in entry.cache]
+        _trim(cache, len(entry.tokens) - n)
+        return cache
 
     def save(self, lm, tokens: list[int], cache: list, kind: str = "assistant",
              prompt_len: Optional[int] = None) -> None:
@@ -272,7 +273,9 @@ def _adopted(cache):
     return HandoffKVCache.adopt(cache) if type(cache) is KVCache else cache
 
 
-def _shared(cache):
-    from .kv_cache import HandoffKVCache
+def _trim(cache: list, n: int) -> None:
+    """Cut `n` tokens off the end of a cache (only trimmable caches serve less than they hold)."""
+    from mlx_lm.models.cache import trim_prompt_cache
 
-    return HandoffKVCache.share(cache)
+    if n > 0:
+        trim_prompt_cache(cache, n)

@@ -241,25 +241,28 @@ def test_a_rotating_cache_round_trips(tmp_path):
 
 def test_a_continuation_takes_the_entry_and_a_partial_match_gets_a_copy(model_dir):
     lm = _Model("m", model_dir)
-    cache = PrefixCache(ram_bytes=1 << 20, ram_entries=16, disk_dir=None, disk_bytes=0)
-    tokens = list(range(40))
-    turn = kv_cache(40, seed=14)
-    before = [np.array(c.keys[..., :40, :]) for c in turn]
-    cache.save(lm, tokens, turn, prompt_len=30)  # asked with 30 tokens, 10 generated
+    cache = PrefixCache(ram_bytes=1 << 30, ram_entries=16, disk_dir=None, disk_bytes=0)
+    tokens = list(range(600))
+    turn = kv_cache(600, seed=14)
+    before = [np.array(c.keys[..., :600, :]) for c in turn]
+    cache.save(lm, tokens, turn, prompt_len=590)  # asked with 590 tokens, 10 generated
 
-    # Another conversation sharing 20 tokens: the entry stays, and writing into
-    # what this request got leaves the entry's KV as it was.
+    # Another conversation sharing 20 tokens: the entry stays, and this request gets
+    # its own copy of those 20, in a buffer sized for its prompt rather than the entry's;
+    # writing into it leaves the entry's KV as it was.
     shared, rest = cache.fetch(lm, tokens[:20] + [99] * 5)
     assert rest == [99] * 5 and shared[0].offset == 20 and len(cache.ram) == 1
+    assert shared[0].keys.shape[2] < turn[0].keys.shape[2]
     for c in shared:
         c.update_and_fetch(mx.ones((1, HEADS, 5, DIM)), mx.ones((1, HEADS, 5, DIM)))
     mx.eval([c.state for c in shared])
+    assert all(np.array_equal(np.array(c.keys[..., :20, :]), k[..., :20, :]) for c, k in zip(shared, before))
 
     # The next turn of the conversation reads all it was asked with: it takes the
     # entry out of RAM, its buffer included, and gets the entry's KV.
-    taken, rest = cache.fetch(lm, tokens[:30] + [7, 7])
+    taken, rest = cache.fetch(lm, tokens[:590] + [7, 7])
     assert rest == [7, 7] and len(cache.ram) == 0 and cache.nbytes == 0
-    assert all(c.offset == 30 and np.array_equal(np.array(c.keys[..., :30, :]), k[..., :30, :])
+    assert all(c.offset == 590 and np.array_equal(np.array(c.keys[..., :590, :]), k[..., :590, :])
                for c, k in zip(taken, before))
     assert all(c.keys.shape == t.keys.shape for c, t in zip(taken, turn))  # its room to grow came along
     assert cache.stats()["hits"] == {"ram": 2, "disk": 0, "miss": 0}
