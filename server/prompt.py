@@ -31,9 +31,9 @@ RECENT_MESSAGES = 3
 class Prompt:
     tokens: list[int]
     # Token offset -> prompt-cache checkpoint kind, for the offsets where a
-    # message ends (exclusive of 0 and len). Kinds are mlx-lm's LRUPromptCache
-    # classes: "system" (end of the system prompt and tools, evicted last) and
-    # "user" (ends of the recent messages, the last one included).
+    # message ends (exclusive of 0 and len). Kinds are the prefix cache's
+    # (`prefix_cache.RamEntry.kind`): "system" (end of the system prompt and tools,
+    # evicted last) and "user" (ends of the recent messages, the last one included).
     checkpoints: dict[int, str]
     # True when the rendered prompt leaves the model inside a thinking block.
     starts_in_reasoning: bool = False
