@@ -36,6 +36,7 @@ class Steps:
         self.link = link  # rank 0 of a group: where the operations go
         self.batch = None
         self.lm = None  # the LoadedModel the batch runs
+        self.layers = 0  # its layer count when all keep plain KV caches (see _plain_kv_layers)
         # A group's prefix caches stay in RAM: what a disk tier holds depends on its writer's timing.
         self.settings = dict(max_batch_size=max_batch_size, prefill_step_size=prefill_step_size,
                              ram_bytes=prefix_cache.ram_bytes, ram_entries=prefix_cache.ram_entries)
@@ -74,6 +75,7 @@ class Steps:
             mx.random.seed(seed)
         self._record("open", lm.name, seed)
         self.lm = lm
+        self.layers = _plain_kv_layers(lm.model)
         self.batch = BatchGenerator(
             lm.model,
             completion_batch_size=self.max_batch_size,
@@ -109,6 +111,7 @@ class Steps:
         from mlx_lm.sample_utils import make_logits_processors
 
         from . import constrained
+        from .kv_cache import HandoffKVCache
 
         sampler = _sampler(sampling["temperature"], sampling["top_p"], sampling["min_p"], sampling["top_k"])
         processors = make_logits_processors(
@@ -122,7 +125,11 @@ class Steps:
         if masker is not None:  # last, so that no bias can bring back a token it masked
             processors = [*processors, masker]
         cache, rest = self.prefix_cache.fetch(self.lm, tokens)
-        cache = _with_room(cache if cache is not None else _fresh_cache(self.lm.model), len(tokens))
+        if cache is None and self.layers:  # an empty cache whose buffer the batch will adopt
+            cache = [HandoffKVCache() for _ in range(self.layers)]
+        for c in cache or ():  # the batch allocates for the whole prompt at once, not 256 tokens at a time
+            if isinstance(c, HandoffKVCache):
+                c.reserve = len(tokens)
         n_cached = len(tokens) - len(rest)
         cuts = {n: kind for n, kind in checkpoints.items() if n > n_cached}
         if sampling.get("seed") is not None:
@@ -204,26 +211,14 @@ class Steps:
                 getattr(self, op)(*args)
 
 
-def _fresh_cache(model) -> Optional[list]:
-    """An empty cache whose buffer the batch will adopt, for models whose layers all
-    keep plain KV caches; None lets mlx-lm make its own (rotating, recurrent)."""
+def _plain_kv_layers(model) -> int:
+    """The model's layer count when every layer keeps a plain KV cache (then the batch
+    adopts buffers the prefix cache hands over, `kv_cache`); 0 for other kinds
+    (rotating, recurrent), whose caches mlx-lm makes and copies as it does."""
     from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-    from .kv_cache import HandoffKVCache
-
     cache = make_prompt_cache(model)
-    return [HandoffKVCache() for _ in cache] if all(type(c) is KVCache for c in cache) else None
-
-
-def _with_room(cache: Optional[list], n_tokens: int) -> Optional[list]:
-    """Tell a handed-off cache how many tokens its sequence's prompt holds, so the
-    batch allocates for all of them at once rather than 256 tokens at a time."""
-    from .kv_cache import HandoffKVCache
-
-    for c in cache or ():
-        if isinstance(c, HandoffKVCache):
-            c.reserve = n_tokens
-    return cache
+    return len(cache) if all(type(c) is KVCache for c in cache) else 0
 
 
 def _segments(tokens: list[int], n_cached: int, checkpoints: dict[int, Any]) -> list[list[int]]:
