@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
@@ -61,6 +61,23 @@ def usable_prefix(entry_tokens: np.ndarray, prompt: np.ndarray, trimmable: bool)
     if trimmable:
         return min(n, len(prompt) - 1)
     return n if n == len(entry_tokens) < len(prompt) else 0
+
+
+def longest_serving(entries: Iterable, prompt: np.ndarray, trimmable: Callable[[Any], bool]) -> tuple[Any, int]:
+    """Of entries (with `.tokens`), the one serving the most prompt tokens (the shortest
+    of equals, least to cut back) and how many; (None, 0) when none serves any."""
+    best, best_n = None, 0
+    for entry in entries:
+        n = usable_prefix(entry.tokens, prompt, trimmable(entry))
+        if n > best_n or (n == best_n and best is not None and len(entry.tokens) < len(best.tokens)):
+            best, best_n = entry, n
+    return best, best_n
+
+
+def extends(longer: np.ndarray, shorter: np.ndarray) -> bool:
+    """Whether `shorter` is a strict prefix of `longer` (a trimmable entry of `longer`
+    serves everything one of `shorter` does)."""
+    return len(shorter) < len(longer) and common_prefix(shorter, longer) == len(shorter)
 
 
 def _state_arrays(cache: list) -> tuple[dict, list, dict]:
@@ -235,8 +252,7 @@ class DiskTier:
                               pending=(arrays, views, metadata))
             if trimmable:  # a longer trimmable entry serves every prefix of it
                 for other in list(self._entries.values()):
-                    if other.model == model and len(other.tokens) < len(entry.tokens) \
-                            and common_prefix(other.tokens, entry.tokens) == len(other.tokens):
+                    if other.model == model and extends(entry.tokens, other.tokens):
                         self._remove(other)
             self._entries[path] = entry
             self._enforce_budget(keep=entry)
@@ -244,15 +260,9 @@ class DiskTier:
 
     def find(self, model: str, prompt: np.ndarray, trimmable: bool) -> tuple[Optional[DiskEntry], int]:
         """The entry serving the most prompt tokens, and how many."""
-        best, best_n = None, 0
         with self._lock:
-            for entry in self._entries.values():
-                if entry.model != model:
-                    continue
-                n = usable_prefix(entry.tokens, prompt, trimmable)
-                if n > best_n or (n == best_n and best is not None and len(entry.tokens) < len(best.tokens)):
-                    best, best_n = entry, n
-        return best, best_n
+            return longest_serving((e for e in self._entries.values() if e.model == model), prompt,
+                                   lambda _: trimmable)
 
     def load(self, entry: DiskEntry) -> Optional[list]:
         """The entry's cache, evaluated; None (and the file deleted) when it cannot be read."""

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .disk_cache import DiskTier, usable_prefix
+from .disk_cache import DiskTier, extends, longest_serving
 
 log = logging.getLogger("mlxd.prefix_cache")
 
@@ -82,13 +82,8 @@ class RamTier:
 
     def find(self, model: str, prompt: np.ndarray) -> tuple[Optional[RamEntry], int]:
         """The entry serving the most prompt tokens (the shortest of equals), and how many."""
-        best, best_n = None, 0
-        for entry in self._entries.values():
-            if entry.model == model:
-                n = usable_prefix(entry.tokens, prompt, entry.trimmable)
-                if n > best_n or (n == best_n and best is not None and len(entry.tokens) < len(best.tokens)):
-                    best, best_n = entry, n
-        return best, best_n
+        return longest_serving((e for e in self._entries.values() if e.model == model), prompt,
+                               lambda e: e.trimmable)
 
     def touch(self, entry: RamEntry) -> None:
         self._entries.move_to_end(_ram_key(entry))
@@ -104,8 +99,7 @@ class RamTier:
             self.pop(same)
         if entry.trimmable:
             for other in list(self._entries.values()):
-                if other.model == entry.model and len(other.tokens) < len(entry.tokens) \
-                        and np.array_equal(other.tokens, entry.tokens[: len(other.tokens)]):
+                if other.model == entry.model and extends(entry.tokens, other.tokens):
                     self.pop(other)
         self._entries[_ram_key(entry)] = entry
         self.nbytes += entry.nbytes
